@@ -31,8 +31,9 @@ Data sources (`--env`, `--dataset_path`), in the order they are tried:
 Choices where the paper and the official code (tinkoff-ai/cnf) are silent or where we deviate:
 - Invertible linear layers are LU-parametrised (Glow) instead of a raw matrix, so they stay
   invertible and their log-determinant is sum(log|s|); the official code inverts the matrix and
-  takes slogdet on the CPU at every call. For phase 2 the frozen flow's matrices and inverses are
-  computed once (`ConditionalFlow.freeze`).
+  takes slogdet on the CPU at every call. For phase 2 the frozen flow's constants are computed
+  once (`ConditionalFlow.freeze`): each block's linear^-1 and ActNorm^-1 fused into one affine map,
+  conditioner weights pre-transposed, and all blocks' state features in a single matmul.
 - Odd action dimensions: a coupling keeps floor(n/2) dimensions and transforms ceil(n/2) (the side
   alternates), instead of padding Hopper's action with a zero column.
 - The tanh layer's log-derivative uses the stable form 2 (log 2 - h - softplus(-2h)) instead of
@@ -117,7 +118,7 @@ class TrainConfig:
     tau: float = 2e-3  # Polyak rate of the target critics
     awac_lambda: float = 1.0 / 3.0  # temperature lambda of exp(A / lambda) (maze2d: 1/10)
     exp_adv_max: float = 100.0  # clamp of the advantage weights (official code)
-    amp: bool = False  # bfloat16 autocast for the networks' matmuls (CPU AMX / GPU tensor cores)
+    amp: bool = False  # bfloat16 matmuls in actor, critics and flow conditioners (CPU AMX / GPU tensor cores)
 
 
 # ---- [block: data] ---------------------------------------------------------------------------------
@@ -492,10 +493,11 @@ class VectorizedLinear(nn.Module):
 
 
 class TwinCritic(nn.Module):
-    """Q1 and Q2 (n_layers x hidden, ReLU) as one vectorised ensemble: Q(s, a) -> [2, B, 1]."""
+    """Q1 and Q2 (n_layers x hidden, ReLU) as one vectorised ensemble: Q(s, a) -> [2, B, 1] (float32)."""
 
-    def __init__(self, state_dim: int, action_dim: int, hidden: int, n_layers: int):
+    def __init__(self, state_dim: int, action_dim: int, hidden: int, n_layers: int, amp: bool = False):
         super().__init__()
+        self.amp = amp  # bfloat16 matmuls
         dims = [state_dim + action_dim] + [hidden] * (n_layers - 1) + [1]
         layers: List[nn.Module] = []
         for i in range(n_layers):
@@ -506,7 +508,8 @@ class TwinCritic(nn.Module):
 
     def forward(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         x = torch.cat([states, actions], dim=-1)
-        return self.net(x.unsqueeze(0).expand(2, -1, -1))
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            return self.net(x.unsqueeze(0).expand(2, -1, -1)).float()
 # ---- [end block: networks] -------------------------------------------------------------------------
 
 
@@ -532,12 +535,7 @@ class ActNorm(nn.Module):
         return x * self.log_scale.exp() + self.shift, self.log_scale.sum()
 
     def decode(self, y: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "frozen_inverse_scale"):
-            return (y - self.shift) * self.frozen_inverse_scale
         return (y - self.shift) * torch.exp(-self.log_scale)
-
-    def freeze(self) -> None:
-        self.register_buffer("frozen_inverse_scale", torch.exp(-self.log_scale.detach()), persistent=False)
 
 
 class InvertibleLinear(nn.Module):
@@ -566,12 +564,7 @@ class InvertibleLinear(nn.Module):
         return F.linear(x, self.weight()), self.log_s.sum()
 
     def decode(self, y: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "frozen_inverse"):
-            return F.linear(y, self.frozen_inverse)
         return F.linear(y, torch.linalg.inv(self.weight()))
-
-    def freeze(self) -> None:
-        self.register_buffer("frozen_inverse", torch.linalg.inv(self.weight().detach()), persistent=False)
 
 
 class AffineCoupling(nn.Module):
@@ -580,9 +573,9 @@ class AffineCoupling(nn.Module):
     (kept dims, normalised state) and log_scale = r * tanh(raw). The MLP's last layer is zero, so
     a new coupling is the identity. n = 1 keeps nothing: an affine map conditioned on the state."""
 
-    def __init__(self, dim: int, cond_dim: int, hidden: int, keep_first: bool):
+    def __init__(self, dim: int, cond_dim: int, hidden: int, keep_first: bool, amp: bool = False):
         super().__init__()
-        self.keep_first = keep_first
+        self.keep_first, self.amp = keep_first, amp  # amp: bfloat16 conditioner matmuls
         self.n_keep, self.n_transform = dim // 2, dim - dim // 2
         self.conditioner = mlp(self.n_keep + cond_dim, 2 * self.n_transform, hidden, 3, nn.PReLU)
         nn.init.zeros_(self.conditioner[-1].weight)
@@ -590,15 +583,18 @@ class AffineCoupling(nn.Module):
         self.rescale = nn.Parameter(torch.ones(self.n_transform))  # r
 
     def split(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """-> (kept [B, floor(n/2)], transformed [B, ceil(n/2)])."""
         if self.keep_first:
-            return x[..., : self.n_keep], x[..., self.n_keep:]
-        return x[..., self.n_transform:], x[..., : self.n_transform]
+            return x.split([self.n_keep, self.n_transform], dim=-1)
+        transformed, kept = x.split([self.n_transform, self.n_keep], dim=-1)
+        return kept, transformed
 
     def join(self, kept: torch.Tensor, transformed: torch.Tensor) -> torch.Tensor:
         return torch.cat([kept, transformed] if self.keep_first else [transformed, kept], dim=-1)
 
     def scale_shift(self, kept: torch.Tensor, cond: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        raw_log_scale, shift = self.conditioner(torch.cat([kept, cond], dim=-1)).float().chunk(2, dim=-1)
+        with torch.autocast(cond.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            raw_log_scale, shift = self.conditioner(torch.cat([kept, cond], dim=-1)).float().chunk(2, dim=-1)
         return self.rescale * torch.tanh(raw_log_scale), shift
 
     def encode(self, x: torch.Tensor, cond: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -612,6 +608,27 @@ class AffineCoupling(nn.Module):
         return self.join(kept, (transformed - shift) * torch.exp(-log_scale))
 
 
+class FlowBlock(nn.Module):
+    """One of the K blocks, data -> latent: ActNorm -> invertible linear -> affine coupling."""
+
+    def __init__(self, dim: int, cond_dim: int, hidden: int, keep_first: bool, amp: bool = False):
+        super().__init__()
+        self.actnorm = ActNorm(dim)
+        self.linear = InvertibleLinear(dim)
+        self.coupling = AffineCoupling(dim, cond_dim, hidden, keep_first, amp)
+
+    def encode(self, x: torch.Tensor, cond: torch.Tensor, initialize: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        if initialize:
+            self.actnorm.initialize(x)
+        x, log_det_actnorm = self.actnorm.encode(x, cond)
+        x, log_det_linear = self.linear.encode(x, cond)
+        x, log_det_coupling = self.coupling.encode(x, cond)
+        return x, log_det_actnorm + log_det_linear + log_det_coupling
+
+    def decode(self, y: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.actnorm.decode(self.linear.decode(self.coupling.decode(y, cond), cond), cond)
+
+
 def tanh_log_derivative(h: torch.Tensor) -> torch.Tensor:
     """log(1 - tanh(h)^2), computed without cancellation near |h| large."""
     return 2.0 * (math.log(2.0) - h - F.softplus(-2.0 * h))
@@ -619,16 +636,17 @@ def tanh_log_derivative(h: torch.Tensor) -> torch.Tensor:
 
 
 class ConditionalFlow(nn.Module):
-    """The CNF flow f(a | s): data -> latent is atanh -> K x [ActNorm -> LU linear -> coupling] -> tanh,
-    base Uniform(-1, 1)^n. `encode` is f (with log|det|), `decode` is f^-1 (no log-det needed)."""
+    """The CNF flow f(a | s): data -> latent is atanh -> K x FlowBlock -> tanh, base Uniform(-1, 1)^n.
+    `encode` is f (with log|det|), `decode` is f^-1 (no log-det needed). States come normalised.
+    With `amp`, only the conditioners' matmuls run in bfloat16; the invertible path stays float32."""
 
-    def __init__(self, action_dim: int, state_dim: int, n_blocks: int, hidden: int):
+    def __init__(self, action_dim: int, state_dim: int, n_blocks: int, hidden: int, amp: bool = False):
         super().__init__()
         self.action_dim, self.state_dim, self.n_blocks, self.hidden = action_dim, state_dim, n_blocks, hidden
-        self.layers = nn.ModuleList()
-        for i in range(n_blocks):
-            self.layers.extend([ActNorm(action_dim), InvertibleLinear(action_dim),
-                                AffineCoupling(action_dim, state_dim, hidden, keep_first=i % 2 == 0)])
+        self.amp = amp
+        self.blocks = nn.ModuleList(FlowBlock(action_dim, state_dim, hidden, keep_first=i % 2 == 0, amp=amp)
+                                    for i in range(n_blocks))
+        self.frozen: Optional[List[dict]] = None  # constants of the phase-2 decoder (see `freeze`)
 
     def encode(self, actions: torch.Tensor, states: torch.Tensor,
                initialize: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -636,11 +654,9 @@ class ConditionalFlow(nn.Module):
         a = actions.clamp(-1.0 + ACTION_EPS, 1.0 - ACTION_EPS)
         h = torch.atanh(a)
         log_det = -torch.log1p(-a * a).sum(-1)
-        for layer in self.layers:
-            if initialize and isinstance(layer, ActNorm):
-                layer.initialize(h)
-            h, layer_log_det = layer.encode(h, states)
-            log_det = log_det + layer_log_det
+        for block in self.blocks:
+            h, block_log_det = block.encode(h, states, initialize)
+            log_det = log_det + block_log_det
         return torch.tanh(h), log_det + tanh_log_derivative(h).sum(-1)
 
     def log_prob(self, actions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
@@ -650,20 +666,58 @@ class ConditionalFlow(nn.Module):
 
     def decode(self, latents: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """a = f^-1(z | s) for latents in the box; the result lies inside (-1, 1)^n."""
-        z = latents.clamp(-1.0 + ACTION_EPS, 1.0 - ACTION_EPS)
-        h = torch.atanh(z)
-        for layer in reversed(self.layers):
-            h = layer.decode(h, states)
+        h = torch.atanh(latents.clamp(-1.0 + ACTION_EPS, 1.0 - ACTION_EPS))
+        if self.frozen is None:
+            for block in reversed(self.blocks):
+                h = block.decode(h, states)
+        else:
+            h = self.decode_frozen(h, states)
         return torch.tanh(h).clamp(-1.0 + ACTION_EPS, 1.0 - ACTION_EPS)
 
+    @torch.no_grad()
     def freeze(self) -> "ConditionalFlow":
-        """For phase 2: no gradients to the flow's parameters; matrix inverses computed once."""
+        """For phase 2: no gradients into the flow, and every constant of f^-1 computed once.
+        Call after moving the flow to its device; the constants are not part of the state_dict."""
         self.requires_grad_(False)
         self.eval()
-        for layer in self.layers:
-            if hasattr(layer, "freeze"):
-                layer.freeze()
+        self.matmul_dtype = torch.bfloat16 if self.amp else self.param_dtype()
+        self.frozen, low = [], lambda w: w.to(self.matmul_dtype)
+        for block in self.blocks:
+            first, prelu_1, second, prelu_2, last = block.coupling.conditioner
+            inverse_scale = torch.exp(-block.actnorm.log_scale)
+            self.frozen.append({
+                # linear^-1 then ActNorm^-1 as one affine map: h -> h @ affine_weight + affine_bias
+                "affine_weight": (torch.linalg.inv(block.linear.weight()).T * inverse_scale).contiguous(),
+                "affine_bias": -block.actnorm.shift * inverse_scale,
+                # conditioner weights, transposed once for addmm; its state part is in state_weight
+                "kept_weight": low(first.weight[:, : block.coupling.n_keep].T.contiguous()),
+                "prelu_1": low(prelu_1.weight), "weight_2": low(second.weight.T.contiguous()), "bias_2": low(second.bias),
+                "prelu_2": low(prelu_2.weight), "weight_3": low(last.weight.T.contiguous()), "bias_3": low(last.bias),
+                "neg_rescale": -block.coupling.rescale,
+            })
+        # The state's contribution to every block's first conditioner layer, for one matmul per batch.
+        self.state_weight = low(torch.cat([b.coupling.conditioner[0].weight[:, b.coupling.n_keep:]
+                                           for b in self.blocks]).T.contiguous())  # [state_dim, K * hidden]
+        self.state_bias = low(torch.cat([b.coupling.conditioner[0].bias for b in self.blocks]))
         return self
+
+    def decode_frozen(self, h: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """The blocks' `decode`, computed from the constants of `freeze` (tests check they agree)."""
+        state_features = torch.addmm(self.state_bias, states.to(self.matmul_dtype), self.state_weight)
+        state_features = state_features.view(len(states), self.n_blocks, self.hidden).unbind(1)
+        for block, const, features in zip(reversed(self.blocks), reversed(self.frozen), reversed(state_features)):
+            coupling = block.coupling
+            kept, transformed = coupling.split(h)
+            hidden = torch.addmm(features, kept.to(self.matmul_dtype), const["kept_weight"]) if coupling.n_keep else features
+            hidden = F.prelu(torch.addmm(const["bias_2"], F.prelu(hidden, const["prelu_1"]), const["weight_2"]),
+                             const["prelu_2"])
+            raw_log_scale, shift = torch.addmm(const["bias_3"], hidden, const["weight_3"]).float().chunk(2, dim=-1)
+            transformed = (transformed - shift) * torch.exp(const["neg_rescale"] * torch.tanh(raw_log_scale))
+            h = torch.addmm(const["affine_bias"], coupling.join(kept, transformed), const["affine_weight"])
+        return h
+
+    def param_dtype(self) -> torch.dtype:
+        return self.blocks[0].actnorm.shift.dtype
 
     def describe(self) -> dict:
         return {"action_dim": self.action_dim, "state_dim": self.state_dim,
@@ -673,18 +727,22 @@ class ConditionalFlow(nn.Module):
 class LatentPolicy(nn.Module):
     """pi(z | s) = tanh(N(mu(s), sigma(s))), log sigma clamped to [-20, 2]; acting uses tanh(mu)."""
 
-    def __init__(self, state_dim: int, latent_dim: int, hidden: int, n_layers: int):
+    def __init__(self, state_dim: int, latent_dim: int, hidden: int, n_layers: int, amp: bool = False):
         super().__init__()
-        self.net = mlp(state_dim, 2 * latent_dim, hidden, n_layers)
+        self.net, self.amp = mlp(state_dim, 2 * latent_dim, hidden, n_layers), amp
+
+    def mean_log_std(self, states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(states.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            mean, log_std = self.net(states).float().chunk(2, dim=-1)
+        return mean, log_std.clamp(-20.0, 2.0)
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         """A reparameterised sample z (gradients flow to mu and sigma)."""
-        mean, log_std = self.net(states).float().chunk(2, dim=-1)
-        return torch.tanh(mean + log_std.clamp(-20.0, 2.0).exp() * torch.randn_like(mean))
+        mean, log_std = self.mean_log_std(states)
+        return torch.tanh(mean + log_std.exp() * torch.randn_like(mean))
 
     def deterministic(self, states: torch.Tensor) -> torch.Tensor:
-        mean, _ = self.net(states).float().chunk(2, dim=-1)
-        return torch.tanh(mean)
+        return torch.tanh(self.mean_log_std(states)[0])
 
 
 # ---- Phase 1: flow pre-training (Algorithm 1) -------------------------------------------------------
@@ -696,8 +754,7 @@ class FlowPretrainer:
         self.optimizer = torch.optim.AdamW(flow.parameters(), lr=config.flow_lr, weight_decay=config.flow_weight_decay)
 
     def train(self, actions: torch.Tensor, states: torch.Tensor) -> Dict[str, torch.Tensor]:
-        with torch.autocast(device_type=actions.device.type, dtype=torch.bfloat16, enabled=self.config.amp):
-            nll = -self.flow.log_prob(actions, states).mean()
+        nll = -self.flow.log_prob(actions, states).mean()
         self.optimizer.zero_grad(set_to_none=True)
         nll.backward()
         grad_norm = nn.utils.clip_grad_norm_(self.flow.parameters(), self.config.flow_grad_clip)
@@ -727,8 +784,8 @@ class CNF:
     def __init__(self, flow: ConditionalFlow, state_dim: int, action_dim: int, config: TrainConfig):
         self.flow = flow.freeze()
         self.config = config
-        self.actor = LatentPolicy(state_dim, action_dim, config.hidden_dim, config.n_layers).to(config.device)
-        self.critic = TwinCritic(state_dim, action_dim, config.hidden_dim, config.n_layers).to(config.device)
+        self.actor = LatentPolicy(state_dim, action_dim, config.hidden_dim, config.n_layers, config.amp).to(config.device)
+        self.critic = TwinCritic(state_dim, action_dim, config.hidden_dim, config.n_layers, config.amp).to(config.device)
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
         fused = torch.device(config.device).type in ("cpu", "cuda")  # one kernel for all parameters
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr, fused=fused)
@@ -737,29 +794,27 @@ class CNF:
     def train(self, batch: Tuple[torch.Tensor, ...]) -> Dict[str, torch.Tensor]:
         states, actions, rewards, next_states, dones = batch
         cfg = self.config
-        with torch.autocast(device_type=states.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-            # Eq. 6, critic target: y = r + gamma (1 - d) min_i Q_i'(s', f^-1(z' | s')), z' ~ pi(. | s').
-            with torch.no_grad():
-                next_actions = self.flow.decode(self.actor(next_states), next_states)
-                next_q = self.target_critic(next_states, next_actions).float().min(0).values  # [B, 1]
-                target = rewards + cfg.gamma * (1.0 - dones) * next_q
-            q = self.critic(states, actions).float()  # [2, B, 1]
-            critic_loss = ((q - target) ** 2).mean(dim=(1, 2)).sum()  # MSE of Q1 plus MSE of Q2
+        # Eq. 6, critic target: y = r + gamma (1 - d) min_i Q_i'(s', f^-1(z' | s')), z' ~ pi(. | s').
+        with torch.no_grad():
+            next_actions = self.flow.decode(self.actor(next_states), next_states)
+            next_q = self.target_critic(next_states, next_actions).min(0).values  # [B, 1]
+            target = rewards + cfg.gamma * (1.0 - dones) * next_q
+        q = self.critic(states, actions)  # [2, B, 1]
+        critic_loss = ((q - target) ** 2).mean(dim=(1, 2)).sum()  # MSE of Q1 plus MSE of Q2
         self.critic_optimizer.zero_grad(set_to_none=True)
         critic_loss.backward()
         self.critic_optimizer.step()
 
-        with torch.autocast(device_type=states.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-            # The policy's action, decoded through the frozen flow with gradients to the policy.
-            policy_actions = self.flow.decode(self.actor(states), states)  # [B, act_dim]
-            # Eq. 7, advantage A(s, a) = Q(s, a) - Q(s, f^-1(z | s)), Q = min(Q1, Q2), with the
-            # updated critics, both actions in one batched pass.
-            with torch.no_grad():
-                both = self.critic(torch.cat([states, states]), torch.cat([actions, policy_actions]))
-                q_data, q_policy = both.float().min(0).values.chunk(2)  # [B, 1] each
-                weights = torch.exp((q_data - q_policy) / cfg.awac_lambda).clamp(max=cfg.exp_adv_max)
-            # Eq. 8, policy loss: advantage-weighted L1 distance between data and decoded actions.
-            actor_loss = (weights * (actions - policy_actions.float()).abs()).mean()
+        # The policy's action, decoded through the frozen flow with gradients to the policy.
+        policy_actions = self.flow.decode(self.actor(states), states)  # [B, act_dim]
+        # Eq. 7, advantage A(s, a) = Q(s, a) - Q(s, f^-1(z | s)), Q = min(Q1, Q2), with the updated
+        # critics, both actions in one batched pass.
+        with torch.no_grad():
+            both = self.critic(torch.cat([states, states]), torch.cat([actions, policy_actions]))
+            q_data, q_policy = both.min(0).values.chunk(2)  # [B, 1] each
+            weights = torch.exp((q_data - q_policy) / cfg.awac_lambda).clamp(max=cfg.exp_adv_max)
+        # Eq. 8, policy loss: advantage-weighted L1 distance between data and decoded actions.
+        actor_loss = (weights * (actions - policy_actions).abs()).mean()
         self.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_optimizer.step()
@@ -789,12 +844,12 @@ class CNF:
 
 
 # ---- The loop ------------------------------------------------------------------------------------
-def load_flow(path: str, buffer: ReplayBuffer, device: str) -> ConditionalFlow:
+def load_flow(path: str, buffer: ReplayBuffer, device: str, amp: bool) -> ConditionalFlow:
     """A flow.pt written by phase 1 (flow weights, sizes, and the state normalisation it saw)."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: --flow_checkpoint {path} does not exist")
     saved = torch_load(path)
-    flow = ConditionalFlow(**saved["sizes"])
+    flow = ConditionalFlow(**saved["sizes"], amp=amp)
     if (flow.action_dim, flow.state_dim) != (buffer.actions.shape[1], buffer.states.shape[1]):
         raise SystemExit(f"error: --flow_checkpoint {path} was trained for {flow.action_dim}-dim actions and "
                          f"{flow.state_dim}-dim states; this data has {buffer.actions.shape[1]} and {buffer.states.shape[1]}")
@@ -814,7 +869,8 @@ def pretrain_flow(config: TrainConfig, buffer: ReplayBuffer, run_dir: Path, logg
     order = torch.randperm(buffer.size, generator=generator).to(device)
     n_valid = max(1, int(config.flow_valid_fraction * buffer.size))
     valid, train = order[:n_valid], order[n_valid:]
-    flow = ConditionalFlow(buffer.actions.shape[1], buffer.states.shape[1], config.flow_layers, config.flow_hidden).to(device)
+    flow = ConditionalFlow(buffer.actions.shape[1], buffer.states.shape[1], config.flow_layers, config.flow_hidden,
+                           config.amp).to(device)
     trainer = FlowPretrainer(flow, config)
     start, best_nll, best_state = 0, float("inf"), None
     if checkpoint is not None:
@@ -865,9 +921,9 @@ def train(config: TrainConfig) -> Path:
     started = time.time()
 
     if config.flow_checkpoint is not None:
-        flow = load_flow(config.flow_checkpoint, buffer, config.device)
+        flow = load_flow(config.flow_checkpoint, buffer, config.device, config.amp)
     elif checkpoint is not None and checkpoint["phase"] == "rl":
-        flow = load_flow(str(run_dir / "flow.pt"), buffer, config.device)
+        flow = load_flow(str(run_dir / "flow.pt"), buffer, config.device, config.amp)
     else:
         flow = pretrain_flow(config, buffer, run_dir, logger, checkpoint)
         checkpoint = None  # phase 2 starts fresh

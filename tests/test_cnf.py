@@ -20,11 +20,10 @@ def random_flow(action_dim, state_dim=4, n_blocks=3, hidden=16, seed=0, dtype=to
     torch.manual_seed(seed)
     flow = cnf.ConditionalFlow(action_dim, state_dim, n_blocks, hidden).to(dtype)
     with torch.no_grad():
-        for layer in flow.layers:
-            if isinstance(layer, cnf.AffineCoupling):
-                layer.conditioner[-1].weight.normal_(0.0, 0.3)
-                layer.conditioner[-1].bias.normal_(0.0, 0.3)
-                layer.rescale.fill_(0.2)
+        for block in flow.blocks:
+            block.coupling.conditioner[-1].weight.normal_(0.0, 0.3)
+            block.coupling.conditioner[-1].bias.normal_(0.0, 0.3)
+            block.coupling.rescale.fill_(0.2)
         actions = torch.rand(256, action_dim, dtype=dtype) * 1.9 - 0.95
         flow.encode(actions, torch.randn(256, state_dim, dtype=dtype), initialize=True)
     return flow
@@ -294,3 +293,20 @@ def test_bad_input_gives_one_clear_error(tmp_path, case):
     lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1, proc.stderr
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("results.json"))
+
+
+def test_mixed_precision_decode_stays_close_and_critics_still_learn():
+    """--amp: bfloat16 conditioner matmuls; decoded actions stay near the float32 ones."""
+    flow = random_flow(3, dtype=torch.float32)
+    amp_flow = cnf.ConditionalFlow(3, 4, 3, 16, amp=True)
+    amp_flow.load_state_dict(flow.state_dict())
+    latents, states = torch.rand(1024, 3) * 1.8 - 0.9, torch.randn(1024, 4)
+    exact = flow.freeze().decode(latents, states)
+    assert (amp_flow.freeze().decode(latents, states) - exact).abs().max() < 2e-2
+    torch.manual_seed(0)
+    agent = cnf.CNF(amp_flow, 4, 3, tiny_config(critic_lr=1e-3, amp=True))
+    batch = (states[:256], exact[:256], torch.ones(256, 1), torch.randn(256, 4), torch.ones(256, 1))
+    first = agent.train(batch)["critic_loss"].item()
+    for _ in range(300):
+        last = agent.train(batch)
+    assert last["critic_loss"].item() < 0.05 * first

@@ -1,0 +1,162 @@
+"""Training throughput of the algorithm files, and of the official CNF code for comparison.
+
+    python tests/benchmarks/throughput.py --device cpu [--threads 1] [--official /path/to/tinkoff-ai/cnf]
+
+Prints one line per figure, `<algo> <metric> <value>`:
+- `rl_updates_per_s`: phase-2 updates per second (cnf: actor and critics 4 x 256, batch 512, through
+  a frozen 12 x 256 flow; HalfCheetah sizes, 17-dim states, 6-dim actions);
+- `flow_steps_per_s`: phase-1 pre-training steps per second (flow 12 x 256, batch 1024);
+- `aten_ops_per_update`, `host_syncs_per_update`: ATen operators dispatched by one phase-2 update,
+  and how many of them are `aten::_local_scalar_dense` (a device-to-host copy: a stall on a GPU),
+  counted with a TorchDispatchMode. On a GPU every operator is at least one kernel launch, so these
+  are the GPU-efficiency figures a CPU can measure.
+
+`--official DIR` also measures a checkout of github.com/tinkoff-ai/cnf (its modules need only torch):
+its `AdvantageWeightedActorCritic.update` with the same sizes and its flow's log-prob training step
+(the body of its `train_flow.optimize_flow`, repeated here because that module imports d4rl).
+Nothing of it is copied into this project; it is imported from DIR at run time.
+`--amp` measures our scripts with bfloat16 autocast as well. Timings use the median of `--repeats`
+rounds of `--seconds` each, after warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parents[2]
+STATE_DIM, ACTION_DIM = 17, 6  # HalfCheetah
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def load_algorithm(name: str):
+    """algorithms/<name>.py as module `algorithms_<name>` (so that the official `cnf` package keeps its name)."""
+    spec = importlib.util.spec_from_file_location(f"algorithms_{name}", ROOT / "algorithms" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def count_ops(step) -> Counter:
+    with OpCounter() as counter:
+        step()
+    return counter.ops
+
+
+def rate(step, seconds: float, repeats: int) -> float:
+    """Median calls per second over `repeats` rounds of about `seconds` each."""
+    for _ in range(3):
+        step()
+    rates = []
+    for _ in range(repeats):
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            step()
+            n += 1
+        rates.append(n / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def random_batch(batch_size: int, device: str):
+    return (torch.randn(batch_size, STATE_DIM, device=device), torch.rand(batch_size, ACTION_DIM, device=device) * 1.8 - 0.9,
+            torch.randn(batch_size, 1, device=device), torch.randn(batch_size, STATE_DIM, device=device),
+            torch.zeros(batch_size, 1, device=device))
+
+
+def report(algo: str, metric: str, value) -> None:
+    print(f"{algo} {metric} {value:.1f}" if isinstance(value, float) else f"{algo} {metric} {value}", flush=True)
+
+
+def measure_cnf(args, amp: bool) -> None:
+    cnf = load_algorithm("cnf")
+    name = "cnf_bf16" if amp else "cnf"
+    config = cnf.TrainConfig(device=args.device, amp=amp)  # the paper's sizes are the defaults
+    flow = cnf.ConditionalFlow(ACTION_DIM, STATE_DIM, config.flow_layers, config.flow_hidden, amp).to(args.device)
+    states, actions = torch.randn(1024, STATE_DIM, device=args.device), torch.rand(1024, ACTION_DIM, device=args.device) * 1.8 - 0.9
+    flow.encode(actions, states, initialize=True)
+    pretrainer = cnf.FlowPretrainer(flow, config)
+    report(name, "flow_steps_per_s", rate(lambda: pretrainer.train(actions, states), args.seconds, args.repeats))
+
+    agent = cnf.CNF(flow, STATE_DIM, ACTION_DIM, config)
+    batch = random_batch(config.batch_size, args.device)
+    report(name, "rl_updates_per_s", rate(lambda: agent.train(batch), args.seconds, args.repeats))
+    ops = count_ops(lambda: agent.train(batch))
+    report(name, "aten_ops_per_update", sum(ops.values()))
+    report(name, "host_syncs_per_update", ops["aten._local_scalar_dense"])
+
+
+def measure_official(args) -> None:
+    sys.path.insert(0, str(Path(args.official).resolve()))
+    from cnf.actor_critic import Critic, TanhActor  # noqa: E402  (the official package, from --official)
+    from cnf.awac import AdvantageWeightedActorCritic
+    from cnf.make_flow import make_flow
+
+    device = torch.device(args.device)
+    flow = make_flow(device, 12, ACTION_DIM, STATE_DIM, 256, add_atanh=True, uniform_latent=True,
+                     state_embedding_mean=torch.zeros(STATE_DIM), state_embedding_std=torch.ones(STATE_DIM))
+    states, actions = torch.randn(1024, STATE_DIM, device=device), torch.rand(1024, ACTION_DIM, device=device) * 1.8 - 0.9
+    flow.log_prob(actions, states)  # ActNorm data init, as its init_flow_act_norm does
+    optimizer = torch.optim.AdamW(flow.parameters(), lr=5e-4, weight_decay=1e-4)
+
+    def flow_step():  # the body of its train_flow.optimize_flow
+        loss = -flow.log_prob(actions, states).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(flow.parameters(), 1e-1)
+        optimizer.step()
+        return loss.item(), grad_norm.item()
+
+    report("official_cnf", "flow_steps_per_s", rate(flow_step, args.seconds, args.repeats))
+
+    actor = TanhActor(STATE_DIM, ACTION_DIM, 256, n_layers=4).to(device)
+    critic_1 = Critic(STATE_DIM, ACTION_DIM, 256, n_layers=4).to(device)
+    critic_2 = Critic(STATE_DIM, ACTION_DIM, 256, n_layers=4).to(device)
+    algorithm = AdvantageWeightedActorCritic(
+        actor, torch.optim.Adam(actor.parameters(), lr=3e-4), critic_1, torch.optim.Adam(critic_1.parameters(), lr=3e-4),
+        critic_2, torch.optim.Adam(critic_2.parameters(), lr=3e-4), gamma=0.99, tau=2e-3, awac_lambda=1 / 3, flow=flow)
+    s, a, r, s2, d = random_batch(512, args.device)
+    update = lambda: algorithm.update(s, a, r, d, s2)  # noqa: E731  (its batch order: s, a, r, done, s')
+    report("official_cnf", "rl_updates_per_s", rate(update, args.seconds, args.repeats))
+    ops = count_ops(update)
+    report("official_cnf", "aten_ops_per_update", sum(ops.values()))
+    report("official_cnf", "host_syncs_per_update", ops["aten._local_scalar_dense"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Training throughput, one line per figure.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--official", default=None, help="a checkout of github.com/tinkoff-ai/cnf to compare with")
+    parser.add_argument("--amp", action="store_true", help="also measure with bfloat16 autocast")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of one timing round")
+    parser.add_argument("--repeats", type=int, default=3, help="timing rounds; the median is reported")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"# device {args.device}, {args.threads} thread(s), torch {torch.__version__}", flush=True)
+    measure_cnf(args, amp=False)
+    if args.amp:
+        measure_cnf(args, amp=True)
+    if args.official:
+        measure_official(args)
+
+
+if __name__ == "__main__":
+    main()
