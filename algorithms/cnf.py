@@ -53,7 +53,6 @@ Choices where the paper and the official code (tinkoff-ai/cnf) are silent or whe
 Blocks marked `# ---- [block: NAME] ----` are the sources that the other algorithm files copy
 (`# ---- [block: NAME | copied from cnf.py] ----`); tests/test_copies.py keeps the copies identical.
 """
-from __future__ import annotations
 
 import copy
 import json
@@ -85,6 +84,7 @@ class TrainConfig:
     dataset_path: Optional[str] = None  # any D4RL-format HDF5 file; overrides --env
     eval_env: Optional[str] = None  # Gymnasium id to evaluate in (default: from the data source)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # torch device
+    cpu_threads: Optional[int] = None  # torch CPU threads (default: torch's, one per core)
     seed: int = 0  # seeds python, numpy, torch and the evaluation envs
     train_steps: int = 1_000_000  # phase-2 gradient updates (paper: 1M; HalfCheetah 200k)
     batch_size: int = 512  # phase-2 batch size (paper: {256, 512, 1024}; maze2d 10240)
@@ -909,6 +909,8 @@ def train(config: TrainConfig) -> Path:
 
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but CUDA is not available; pass --device cpu")
+    if config.cpu_threads:
+        torch.set_num_threads(config.cpu_threads)
     data = load_offline_data(config)
     probe = data.make_eval_env(1)
     check_eval_env(probe, data)

@@ -310,3 +310,12 @@ def test_mixed_precision_decode_stays_close_and_critics_still_learn():
     for _ in range(300):
         last = agent.train(batch)
     assert last["critic_loss"].item() < 0.05 * first
+
+
+def test_yaml_config_loads_and_flags_override_it(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("flow_layers: 5\nawac_lambda: 0.1\nenv: hopper-medium-v2\n")
+    config = cnf.parse_config(cnf.TrainConfig, ["--config_path", str(path), "--awac_lambda", "0.5"])
+    assert (config.flow_layers, config.awac_lambda, config.env) == (5, 0.5, "hopper-medium-v2")
+    quick = cnf.parse_config(cnf.TrainConfig, ["--config_path", str(ROOT / "algorithms/configs/cnf/quick.yaml")])
+    assert quick.env == "halfcheetah-medium-gymv5" and quick.train_steps < cnf.TrainConfig().train_steps

@@ -1,0 +1,76 @@
+"""data/generate.py: D4RL layout, attributes and determinism of generated datasets."""
+import hashlib
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import cnf
+from data import generate
+
+
+def read(path):
+    with h5py.File(path, "r") as f:
+        return {k: f[k][:] for k in f.keys()}, dict(f.attrs)
+
+
+@pytest.fixture
+def policy_dir(tmp_path, monkeypatch):
+    """A policy directory holding a (random) medium policy for Hopper-v5."""
+    monkeypatch.setattr(generate, "POLICY_DIR", str(tmp_path / "policies"))
+    (tmp_path / "policies").mkdir()
+    torch.manual_seed(0)
+    path = tmp_path / "policies" / "hopper-medium.pt"
+    torch.save(generate.BehaviorPolicy(11, 3).state_dict(), path)
+    return path
+
+
+def test_generated_file_has_d4rl_layout_and_attributes(tmp_path, policy_dir):
+    out = generate.generate("Hopper-v5", "medium", num_steps=600, seed=3, out=str(tmp_path / "d.hdf5"),
+                            num_envs=4, progress=False)
+    data, attrs = read(out)
+    n = 600
+    assert data["observations"].shape == (n, 11) and data["next_observations"].shape == (n, 11)
+    assert data["actions"].shape == (n, 3) and data["rewards"].shape == (n,)
+    assert data["terminals"].dtype == bool and data["timeouts"].dtype == bool
+    assert np.abs(data["actions"]).max() <= 1.0
+    assert data["timeouts"][-1] and not (data["terminals"] & data["timeouts"]).any()
+    # Inside an episode the next row continues it: D4RL's layout, what qlearning_dataset relies on.
+    inside = ~(data["terminals"] | data["timeouts"])[:-1]
+    np.testing.assert_array_equal(data["next_observations"][:-1][inside], data["observations"][1:][inside])
+    assert data["terminals"].any(), "a random Hopper policy falls: terminal rows expected"
+    assert attrs["env"] == "Hopper-v5" and attrs["level"] == "medium" and attrs["seed"] == 3
+    assert attrs["name"] == "hopper-medium-gymv5" and attrs["generator_version"] == generate.GENERATOR_VERSION
+    assert attrs["policy_sha256"] == hashlib.sha256(policy_dir.read_bytes()).hexdigest()
+    assert (attrs["ref_min_score"], attrs["ref_max_score"]) == generate.REFERENCE_SCORES["Hopper-v5"]
+    # The q-learning conversion of the algorithm files reproduces the stored next observations.
+    converted = cnf.qlearning_dataset(data)
+    keep = np.flatnonzero(~data["timeouts"][:-1])
+    np.testing.assert_array_equal(converted["next_observations"][~data["terminals"][keep]],
+                                  data["next_observations"][keep][~data["terminals"][keep]])
+
+
+def test_generation_is_deterministic_for_a_seed(tmp_path, policy_dir):
+    runs = [read(generate.generate("Hopper-v5", level, num_steps=300, seed=seed, out=str(tmp_path / f"{i}.hdf5"),
+                                   num_envs=3, progress=False))[0]
+            for i, (level, seed) in enumerate([("medium", 1), ("medium", 1), ("medium", 2), ("random", 1)])]
+    for key in runs[0]:
+        np.testing.assert_array_equal(runs[0][key], runs[1][key])
+    assert not np.array_equal(runs[0]["actions"], runs[2]["actions"])
+    assert not np.array_equal(runs[0]["actions"], runs[3]["actions"])
+
+
+def test_missing_policy_level_is_a_clear_error(tmp_path, policy_dir):
+    with pytest.raises(SystemExit, match="not available"):
+        generate.generate("Hopper-v5", "expert", num_steps=10, seed=0, out=str(tmp_path / "x.hdf5"), progress=False)
+    with pytest.raises(SystemExit, match="unknown --env"):
+        generate.generate("Ant-v5", "random", num_steps=10, seed=0, out=str(tmp_path / "x.hdf5"), progress=False)
+
+
+def test_medium_expert_concatenates_both_policies(tmp_path, policy_dir):
+    torch.save(generate.BehaviorPolicy(11, 3).state_dict(), policy_dir.with_name("hopper-expert.pt"))
+    data, attrs = read(generate.generate("Hopper-v5", "medium-expert", num_steps=200, seed=0,
+                                         out=str(tmp_path / "me.hdf5"), num_envs=2, progress=False))
+    assert len(data["rewards"]) == 400 and len(attrs["policy_sha256"].split(",")) == 2
+    assert data["timeouts"][199] or data["terminals"][199]  # the medium half ends an episode
