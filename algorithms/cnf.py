@@ -74,6 +74,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ALGORITHM = "cnf"
+BASE_DISTRIBUTION = "uniform"  # of the flow's latent; written to flow.pt and checked by --flow_checkpoint
 
 
 # ---- [block: config] -------------------------------------------------------------------------------
@@ -635,6 +636,7 @@ def tanh_log_derivative(h: torch.Tensor) -> torch.Tensor:
 # ---- [end block: flow layers] ----------------------------------------------------------------------
 
 
+# ---- [block: conditional flow] ---------------------------------------------------------------------
 class ConditionalFlow(nn.Module):
     """The CNF flow f(a | s): data -> latent is atanh -> K x FlowBlock -> tanh, base Uniform(-1, 1)^n.
     `encode` is f (with log|det|), `decode` is f^-1 (no log-det needed). States come normalised.
@@ -722,8 +724,10 @@ class ConditionalFlow(nn.Module):
     def describe(self) -> dict:
         return {"action_dim": self.action_dim, "state_dim": self.state_dim,
                 "n_blocks": self.n_blocks, "hidden": self.hidden}
+# ---- [end block: conditional flow] -----------------------------------------------------------------
 
 
+# ---- [block: latent policy] ------------------------------------------------------------------------
 class LatentPolicy(nn.Module):
     """pi(z | s) = tanh(N(mu(s), sigma(s))), log sigma clamped to [-20, 2]; acting uses tanh(mu)."""
 
@@ -743,9 +747,11 @@ class LatentPolicy(nn.Module):
 
     def deterministic(self, states: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.mean_log_std(states)[0])
+# ---- [end block: latent policy] --------------------------------------------------------------------
 
 
 # ---- Phase 1: flow pre-training (Algorithm 1) -------------------------------------------------------
+# ---- [block: flow pretraining] ---------------------------------------------------------------------
 class FlowPretrainer:
     """Maximum likelihood (Eq. 5) with AdamW and gradient-norm clipping; one `train` call = one step."""
 
@@ -775,6 +781,70 @@ class FlowPretrainer:
     def load_state_dict(self, state: dict) -> None:
         self.flow.load_state_dict(state["flow"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def load_flow(path: str, buffer: ReplayBuffer, device: str, amp: bool) -> ConditionalFlow:
+    """A flow.pt written by phase 1 (flow weights, sizes, and the state normalisation it saw)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --flow_checkpoint {path} does not exist")
+    saved = torch_load(path)
+    if saved.get("base_distribution") != BASE_DISTRIBUTION:
+        raise SystemExit(f"error: --flow_checkpoint {path} has a {saved.get('base_distribution')} latent; "
+                         f"this script needs a {BASE_DISTRIBUTION}-latent flow.pt")
+    flow = ConditionalFlow(**saved["sizes"], amp=amp)
+    if (flow.action_dim, flow.state_dim) != (buffer.actions.shape[1], buffer.states.shape[1]):
+        raise SystemExit(f"error: --flow_checkpoint {path} was trained for {flow.action_dim}-dim actions and "
+                         f"{flow.state_dim}-dim states; this data has {buffer.actions.shape[1]} and {buffer.states.shape[1]}")
+    flow.load_state_dict(saved["flow"])
+    if not np.allclose(saved["state_mean"].numpy(), buffer.state_mean, atol=1e-4):
+        warnings.warn(f"{path} was trained with another state normalisation (another dataset?)")
+    return flow.to(device)
+
+
+def pretrain_flow(config: TrainConfig, buffer: ReplayBuffer, run_dir: Path, logger: RunLogger,
+                  checkpoint: Optional[dict]) -> ConditionalFlow:
+    """Phase 1: returns the best-validation flow; writes it to RUN_DIR/flow.pt."""
+    from tqdm import trange
+
+    device = config.device
+    generator = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(buffer.size, generator=generator).to(device)
+    n_valid = max(1, int(config.flow_valid_fraction * buffer.size))
+    valid, train = order[:n_valid], order[n_valid:]
+    flow = ConditionalFlow(buffer.actions.shape[1], buffer.states.shape[1], config.flow_layers, config.flow_hidden,
+                           config.amp).to(device)
+    trainer = FlowPretrainer(flow, config)
+    start, best_nll, best_state = 0, float("inf"), None
+    if checkpoint is not None:
+        trainer.load_state_dict(checkpoint["pretrainer"])
+        start, best_nll, best_state = checkpoint["step"], checkpoint["best_valid_nll"], checkpoint["best_flow"]
+        set_rng_state(checkpoint["rng"])  # the resumed run draws the batches the uninterrupted one would
+    else:
+        first = train[torch.randint(0, len(train), (config.flow_batch_size,), device=device)]
+        flow.encode(buffer.actions[first], buffer.states[first], initialize=True)  # ActNorm data init
+    train_nll, since_log = torch.zeros((), device=device), 0  # summed on the device: no sync per step
+    for step in trange(start + 1, config.flow_steps + 1, desc="phase 1: flow", initial=start,
+                       total=config.flow_steps, mininterval=5):
+        idx = train[torch.randint(0, len(train), (config.flow_batch_size,), device=device)]
+        train_nll += trainer.train(buffer.actions[idx], buffer.states[idx])["flow/train_nll"]
+        since_log += 1
+        if step % config.flow_eval_every == 0 or step == config.flow_steps:
+            valid_nll = trainer.validation_nll(buffer.actions[valid], buffer.states[valid])
+            logger.log({"flow/train_nll": train_nll.item() / since_log, "flow/valid_nll": valid_nll}, step=step)
+            train_nll, since_log = train_nll.zero_(), 0
+            if valid_nll < best_nll:
+                best_nll, best_state = valid_nll, copy.deepcopy(flow.state_dict())
+            save_atomic({"phase": "flow", "step": step, "pretrainer": trainer.state_dict(), "best_valid_nll": best_nll,
+                         "best_flow": best_state, "rng": rng_state()}, run_dir / "checkpoint.pt")
+    if best_state is None:  # flow_steps == 0: keep the initialised flow
+        best_state, best_nll = flow.state_dict(), trainer.validation_nll(buffer.actions[valid], buffer.states[valid])
+    flow.load_state_dict(best_state)
+    save_atomic({"flow": best_state, "sizes": flow.describe(), "best_valid_nll": best_nll,
+                 "base_distribution": BASE_DISTRIBUTION,
+                 "state_mean": torch.from_numpy(buffer.state_mean), "state_std": torch.from_numpy(buffer.state_std)},
+                run_dir / "flow.pt")
+    return flow
+# ---- [end block: flow pretraining] -----------------------------------------------------------------
 
 
 # ---- Phase 2: RL in the latent space (Algorithm 2) --------------------------------------------------
@@ -844,65 +914,6 @@ class CNF:
 
 
 # ---- The loop ------------------------------------------------------------------------------------
-def load_flow(path: str, buffer: ReplayBuffer, device: str, amp: bool) -> ConditionalFlow:
-    """A flow.pt written by phase 1 (flow weights, sizes, and the state normalisation it saw)."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: --flow_checkpoint {path} does not exist")
-    saved = torch_load(path)
-    flow = ConditionalFlow(**saved["sizes"], amp=amp)
-    if (flow.action_dim, flow.state_dim) != (buffer.actions.shape[1], buffer.states.shape[1]):
-        raise SystemExit(f"error: --flow_checkpoint {path} was trained for {flow.action_dim}-dim actions and "
-                         f"{flow.state_dim}-dim states; this data has {buffer.actions.shape[1]} and {buffer.states.shape[1]}")
-    flow.load_state_dict(saved["flow"])
-    if not np.allclose(saved["state_mean"].numpy(), buffer.state_mean, atol=1e-4):
-        warnings.warn(f"{path} was trained with another state normalisation (another dataset?)")
-    return flow.to(device)
-
-
-def pretrain_flow(config: TrainConfig, buffer: ReplayBuffer, run_dir: Path, logger: RunLogger,
-                  checkpoint: Optional[dict]) -> ConditionalFlow:
-    """Phase 1: returns the best-validation flow; writes it to RUN_DIR/flow.pt."""
-    from tqdm import trange
-
-    device = config.device
-    generator = torch.Generator().manual_seed(config.seed)
-    order = torch.randperm(buffer.size, generator=generator).to(device)
-    n_valid = max(1, int(config.flow_valid_fraction * buffer.size))
-    valid, train = order[:n_valid], order[n_valid:]
-    flow = ConditionalFlow(buffer.actions.shape[1], buffer.states.shape[1], config.flow_layers, config.flow_hidden,
-                           config.amp).to(device)
-    trainer = FlowPretrainer(flow, config)
-    start, best_nll, best_state = 0, float("inf"), None
-    if checkpoint is not None:
-        trainer.load_state_dict(checkpoint["pretrainer"])
-        start, best_nll, best_state = checkpoint["step"], checkpoint["best_valid_nll"], checkpoint["best_flow"]
-        set_rng_state(checkpoint["rng"])  # the resumed run draws the batches the uninterrupted one would
-    else:
-        first = train[torch.randint(0, len(train), (config.flow_batch_size,), device=device)]
-        flow.encode(buffer.actions[first], buffer.states[first], initialize=True)  # ActNorm data init
-    train_nll, since_log = torch.zeros((), device=device), 0  # summed on the device: no sync per step
-    for step in trange(start + 1, config.flow_steps + 1, desc="phase 1: flow", initial=start,
-                       total=config.flow_steps, mininterval=5):
-        idx = train[torch.randint(0, len(train), (config.flow_batch_size,), device=device)]
-        train_nll += trainer.train(buffer.actions[idx], buffer.states[idx])["flow/train_nll"]
-        since_log += 1
-        if step % config.flow_eval_every == 0 or step == config.flow_steps:
-            valid_nll = trainer.validation_nll(buffer.actions[valid], buffer.states[valid])
-            logger.log({"flow/train_nll": train_nll.item() / since_log, "flow/valid_nll": valid_nll}, step=step)
-            train_nll, since_log = train_nll.zero_(), 0
-            if valid_nll < best_nll:
-                best_nll, best_state = valid_nll, copy.deepcopy(flow.state_dict())
-            save_atomic({"phase": "flow", "step": step, "pretrainer": trainer.state_dict(), "best_valid_nll": best_nll,
-                         "best_flow": best_state, "rng": rng_state()}, run_dir / "checkpoint.pt")
-    if best_state is None:  # flow_steps == 0: keep the initialised flow
-        best_state, best_nll = flow.state_dict(), trainer.validation_nll(buffer.actions[valid], buffer.states[valid])
-    flow.load_state_dict(best_state)
-    save_atomic({"flow": best_state, "sizes": flow.describe(), "best_valid_nll": best_nll,
-                 "state_mean": torch.from_numpy(buffer.state_mean), "state_std": torch.from_numpy(buffer.state_std)},
-                run_dir / "flow.pt")
-    return flow
-
-
 def train(config: TrainConfig) -> Path:
     """Both phases, evaluation, checkpoints and results.json; returns the results.json path."""
     from tqdm import trange
