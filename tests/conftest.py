@@ -11,6 +11,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "algorithms"))
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("WANDB_SILENT", "true")
+# Tiny models: one thread each is fastest, and it keeps subprocess runs from oversubscribing the cores
+# (OpenMP threads spinning against each other slow small workloads down by 10x or more).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 def write_tiny_hdf5(path, n=2000, episode=200, obs_dim=11, act_dim=3, env="Hopper-v5", seed=0, attrs=True):
