@@ -6,6 +6,8 @@ Prints one line per figure, `<algo> <metric> <value>`:
 - `rl_updates_per_s`: phase-2 updates per second (cnf: actor and critics 4 x 256, batch 512, through
   a frozen 12 x 256 flow; HalfCheetah sizes, 17-dim states, 6-dim actions);
 - `flow_steps_per_s`: phase-1 pre-training steps per second (flow 12 x 256, batch 1024);
+- `plas`: the official PLAS sizes (VAE 2 x 750, latent 12; actor and critics 400-300; batch 100);
+  `vae_steps_per_s` is its phase-1 (VAE) pre-training steps per second;
 - `aten_ops_per_update`, `host_syncs_per_update`: ATen operators dispatched by one phase-2 update,
   and how many of them are `aten::_local_scalar_dense` (a device-to-host copy: a stall on a GPU),
   counted with a TorchDispatchMode. On a GPU every operator is at least one kernel launch, so these
@@ -15,6 +17,11 @@ Prints one line per figure, `<algo> <metric> <value>`:
 its `AdvantageWeightedActorCritic.update` with the same sizes and its flow's log-prob training step
 (the body of its `train_flow.optimize_flow`, repeated here because that module imports d4rl).
 Nothing of it is copied into this project; it is imported from DIR at run time.
+`--corl DIR` measures a checkout of github.com/corl-team/CORL the same way: `AdvantageWeightedActorCritic
+.update` of its algorithms/offline/awac.py and `ImplicitQLearning.train` of its iql.py at their default
+sizes (awac: actor and critics 4 x 256; iql: 3 x 256; batch 256), on the same batch as our awac.py and
+iql.py (`awac`, `iql` lines). Its modules import d4rl and gym at the top: empty stub modules stand in
+for them during the import. Nothing of it is copied into this project.
 `--amp` measures our scripts with bfloat16 autocast as well. Timings use the median of `--repeats`
 rounds of `--seconds` each, after warm-up.
 """
@@ -139,11 +146,110 @@ def measure_official(args) -> None:
     report("official_cnf", "host_syncs_per_update", ops["aten._local_scalar_dense"])
 
 
+def measure_plas(args) -> None:
+    """PLAS at the official sizes: VAE 750 x 2 (latent 2 x 6), actor and critics 400-300, batch 100."""
+    plas = load_algorithm("plas")
+    config = plas.TrainConfig(device=args.device)  # the official sizes are the defaults
+    vae = plas.ConditionalVAE(ACTION_DIM, STATE_DIM, config.vae_hidden).to(args.device)
+    states = torch.randn(config.vae_batch_size, STATE_DIM, device=args.device)
+    actions = torch.rand(config.vae_batch_size, ACTION_DIM, device=args.device) * 1.8 - 0.9
+    pretrainer = plas.VAEPretrainer(vae, config)
+    report("plas", "vae_steps_per_s", rate(lambda: pretrainer.train(actions, states), args.seconds, args.repeats))
+
+    agent = plas.PLAS(vae, STATE_DIM, ACTION_DIM, config)
+    batch = random_batch(config.batch_size, args.device)
+    report("plas", "rl_updates_per_s", rate(lambda: agent.train(batch), args.seconds, args.repeats))
+    ops = count_ops(lambda: agent.train(batch))
+    report("plas", "aten_ops_per_update", sum(ops.values()))
+    report("plas", "host_syncs_per_update", ops["aten._local_scalar_dense"])
+
+
+def measure_awac(args) -> None:
+    """AWAC at CORL's sizes: actor and critics 4 x 256, batch 256."""
+    awac = load_algorithm("awac")
+    config = awac.TrainConfig(device=args.device)  # CORL's sizes are the defaults
+    agent = awac.AWAC(STATE_DIM, ACTION_DIM, config)
+    batch = random_batch(config.batch_size, args.device)
+    report("awac", "rl_updates_per_s", rate(lambda: agent.train(batch), args.seconds, args.repeats))
+    ops = count_ops(lambda: agent.train(batch))
+    report("awac", "aten_ops_per_update", sum(ops.values()))
+    report("awac", "host_syncs_per_update", ops["aten._local_scalar_dense"])
+
+
+def measure_iql(args) -> None:
+    """IQL at CORL's sizes: policy, Q_1, Q_2 and V 3 x 256, batch 256."""
+    iql = load_algorithm("iql")
+    config = iql.TrainConfig(device=args.device)  # CORL's sizes are the defaults
+    agent = iql.IQL(STATE_DIM, ACTION_DIM, config)
+    batch = random_batch(config.batch_size, args.device)
+    report("iql", "rl_updates_per_s", rate(lambda: agent.train(batch), args.seconds, args.repeats))
+    ops = count_ops(lambda: agent.train(batch))
+    report("iql", "aten_ops_per_update", sum(ops.values()))
+    report("iql", "host_syncs_per_update", ops["aten._local_scalar_dense"])
+
+
+def load_corl(corl_dir: str, name: str):
+    """CORL's algorithms/offline/<name>.py as module `corl_<name>`. Its top-level `import d4rl, gym` are
+    met by empty stub modules for the import only (the trainer never touches them; `gym.Env` is needed
+    because its annotations are evaluated at import); pyrallis and wandb are the real packages."""
+    import types
+
+    saved = {key: sys.modules.get(key) for key in ("d4rl", "gym")}
+    sys.modules["d4rl"] = types.ModuleType("d4rl")
+    sys.modules["gym"] = gym = types.ModuleType("gym")
+    gym.Env = object
+    try:
+        spec = importlib.util.spec_from_file_location(f"corl_{name}", Path(corl_dir) / "algorithms" / "offline" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up here
+        spec.loader.exec_module(module)
+    finally:
+        for key, previous in saved.items():
+            if previous is None:
+                sys.modules.pop(key, None)
+            else:
+                sys.modules[key] = previous
+    return module
+
+
+def measure_corl(args) -> None:
+    """CORL's AWAC `update(batch)` and IQL `train(batch)` with their default sizes, on the same batch as ours."""
+    device = torch.device(args.device)
+    adam = lambda module: torch.optim.Adam(module.parameters(), lr=3e-4)  # noqa: E731  (CORL's optimizers)
+    corl_awac = load_corl(args.corl, "awac")
+    actor = corl_awac.Actor(STATE_DIM, ACTION_DIM, 256).to(device)
+    critic_1 = corl_awac.Critic(STATE_DIM, ACTION_DIM, 256).to(device)
+    critic_2 = corl_awac.Critic(STATE_DIM, ACTION_DIM, 256).to(device)
+    awac_trainer = corl_awac.AdvantageWeightedActorCritic(actor, adam(actor), critic_1, adam(critic_1), critic_2,
+                                                          adam(critic_2), gamma=0.99, tau=5e-3, awac_lambda=1.0)
+    batch = list(random_batch(256, args.device))  # its order: s, a, r, s', done
+    update = lambda: awac_trainer.update(batch)  # noqa: E731
+    report("corl_awac", "rl_updates_per_s", rate(update, args.seconds, args.repeats))
+    ops = count_ops(update)
+    report("corl_awac", "aten_ops_per_update", sum(ops.values()))
+    report("corl_awac", "host_syncs_per_update", ops["aten._local_scalar_dense"])
+
+    corl_iql = load_corl(args.corl, "iql")
+    q_network = corl_iql.TwinQ(STATE_DIM, ACTION_DIM).to(device)
+    v_network = corl_iql.ValueFunction(STATE_DIM).to(device)
+    policy = corl_iql.GaussianPolicy(STATE_DIM, ACTION_DIM, max_action=1.0).to(device)
+    iql_trainer = corl_iql.ImplicitQLearning(
+        max_action=1.0, actor=policy, actor_optimizer=adam(policy), q_network=q_network, q_optimizer=adam(q_network),
+        v_network=v_network, v_optimizer=adam(v_network), iql_tau=0.7, beta=3.0, max_steps=1_000_000,
+        discount=0.99, tau=0.005, device=args.device)
+    update = lambda: iql_trainer.train(batch)  # noqa: E731
+    report("corl_iql", "rl_updates_per_s", rate(update, args.seconds, args.repeats))
+    ops = count_ops(update)
+    report("corl_iql", "aten_ops_per_update", sum(ops.values()))
+    report("corl_iql", "host_syncs_per_update", ops["aten._local_scalar_dense"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Training throughput, one line per figure.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--official", default=None, help="a checkout of github.com/tinkoff-ai/cnf to compare with")
+    parser.add_argument("--corl", default=None, help="a checkout of github.com/corl-team/CORL: also measure its AWAC and IQL")
     parser.add_argument("--amp", action="store_true", help="also measure with bfloat16 autocast")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of one timing round")
     parser.add_argument("--repeats", type=int, default=3, help="timing rounds; the median is reported")
@@ -156,6 +262,11 @@ def main() -> None:
         measure_cnf(args, amp=True)
     if args.official:
         measure_official(args)
+    measure_plas(args)
+    measure_awac(args)
+    measure_iql(args)
+    if args.corl:
+        measure_corl(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,857 @@
+"""PLAS: a deterministic policy in the latent space of a pre-trained conditional VAE.
+
+Companion to Zhou, Bajracharya, Held, "PLAS: Latent Action Space for Offline Reinforcement Learning"
+(CoRL 2020), as the PLAS baseline of Akimov et al. (arXiv 2211.11096): the PLAS column of Table 1 and
+Fig. 4, and the PLAS curve of Fig. 7 (HalfCheetah, next to CNF and CNF-VAE).
+
+    python algorithms/plas.py --env halfcheetah-medium-v2                       # D4RL (Docker image)
+    python algorithms/plas.py --config_path algorithms/configs/plas/quick.yaml  # CPU quick preset
+    python algorithms/plas.py --config_path algorithms/configs/plas/locomotion.yaml --env hopper-medium-replay-v2 --vae_hidden 128
+    python algorithms/plas.py --env walker2d-medium-expert-v2 --phi 0.05        # PLAS+P (perturbation layer)
+    python algorithms/plas.py --env halfcheetah-medium-v2 --vae_checkpoint RUN/vae.pt   # skip phase 1
+
+Phase 1 (PLAS Sec. 4.1): a conditional VAE of the behaviour policy, encoder q(z | s, a), decoder
+a = dec(s, z), trained by MSE(dec(s, z), a) + 0.5 KL(q(z | s, a) || N(0, I)), then frozen.
+Phase 2 (Sec. 4.2, built on TD3/BCQ): a deterministic latent policy z = pi(s) = z_max tanh(.) and
+twin critics on real actions; the actor maximises Q1(s, dec(s, pi(s))) through the frozen decoder;
+the critics regress on BCQ's soft clipped double-Q target
+    y = r + gamma (1 - d) [0.75 min(Q1', Q2') + 0.25 max(Q1', Q2')] at a' = dec(s', pi'(s')),
+with target networks for both critics and the policy. Restricting z to [-z_max, z_max]^k, where the
+N(0, I) prior has its mass, keeps decoded actions close to the data. With `--phi > 0` (PLAS+P,
+Sec. 4.3) a perturbation layer adds phi tanh(.) of (s, decoded action) to the decoded action.
+
+Data sources (`--env`, `--dataset_path`) are those of cnf.py (see its docstring): a D4RL-format
+file, D4RL through d4rl or its cached file (evaluated in Gymnasium's v4 envs), or a bundled dataset.
+
+Facts from the official code (Wenxuan-Zhou/PLAS), and choices where it or the paper leave room:
+- Sizes and rates as the official main.py: VAE 750 x 2 hidden layers, latent dim 2 x action dim,
+  log std clamped to [-4, 15], Adam 1e-4, batch 100, 500k steps; actor and critics 400-300 (ReLU),
+  actor lr 1e-4, critic lr 1e-3, gamma 0.99, tau 0.005 (critic *and* actor targets), batch 100,
+  500k updates, z_max 2 (`--max_latent_action`), lambda 0.75 (BCQ's default), phi 0.
+- VAE width on medium-replay: the official code uses 750 everywhere; d3rlpy's reproduction uses
+  128 on medium-replay. Both are `--vae_hidden` (configs/plas/locomotion.yaml says which to pass).
+- States: official PLAS feeds raw states. The copied data block normalises them (as cnf.py does);
+  by default (`--no_normalize_states`) this file rebuilds the buffer's states from the raw
+  observations (and evaluates on raw observations), so the networks see what the official ones do.
+  `--normalize_states` gives cnf.py's normalisation (needed for a vae.pt that cnf_vae.py reuses).
+  It matters on short budgets: after 10k VAE steps (configs/plas/quick.yaml), decoding z = 0 on
+  halfcheetah-medium-gymv5 scores 42 with normalised states and 19 with raw ones, so the quick
+  preset normalises.
+- `train_steps` and `batch_size` are common fields (copied config block); their defaults are set to
+  PLAS's 500k and 100 by the renames of the copy marker.
+- Actions: the data block keeps actions in [-1, 1], so the decoder's max_action is 1 (the official
+  code reads the env's bound, 1 in every D4RL locomotion and maze2d env); the decoder's tanh maps
+  every latent, inside [-z_max, z_max]^k or not, into [-1, 1]^n.
+- The encoder's mean and log-std heads are one linear layer with 2k outputs (the same function as
+  two heads on the shared hidden layers).
+- The two critics are one vectorised ensemble with one Adam (identical to two critics with one Adam
+  over both: Adam is element-wise). The actor loss -Q1(s, dec(s, pi(s))) differentiates with respect
+  to the action only (the critic's parameters are detached in `q1`); the official code also fills
+  the critic's .grad there and zeroes it before the next critic step: the same updates, less work.
+- With phi > 0 the latent policy and the perturbation layer form one actor with one Adam and one
+  target network, as the official `LatentPerturbation`.
+- Evaluation: 10 episodes every 5000 updates and the mean of the last 10 evaluations, the protocol
+  the CNF paper applies to every algorithm (the official code evaluates every 1000 updates).
+- Phase 1 samples batches with replacement and keeps the last VAE (no validation split, as the
+  official code); it is checkpointed every `vae_save_every` steps for `--resume`.
+
+Blocks marked `# ---- [block: NAME] ----` (the VAE, its config fields) are copied by cnf_vae.py;
+blocks marked `| copied from cnf.py` are copies kept identical by tests/test_copies.py.
+"""
+import copy
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ALGORITHM = "plas"
+
+
+# ---- [block: config | copied from cnf.py | renames: 1_000_000  # phase-2 gradient updates (paper: 1M; HalfCheetah 200k)->500_000  # phase-2 gradient updates (official PLAS: 500k after 500k VAE steps; CNF paper's CNF: 1M), 512  # phase-2 batch size (paper: {256->100  # phase-2 batch size (official PLAS: 100; the CNF paper's grid for CNF: {256] ----
+@dataclass
+class TrainConfig:
+    # --- experiment ---
+    env: str = "halfcheetah-medium-gymv5"  # D4RL name (halfcheetah-medium-v2, ...) or bundled dataset name
+    dataset_path: Optional[str] = None  # any D4RL-format HDF5 file; overrides --env
+    eval_env: Optional[str] = None  # Gymnasium id to evaluate in (default: from the data source)
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # torch device
+    cpu_threads: Optional[int] = None  # torch CPU threads (default: torch's, one per core)
+    seed: int = 0  # seeds python, numpy, torch and the evaluation envs
+    train_steps: int = 500_000  # phase-2 gradient updates (official PLAS: 500k after 500k VAE steps; CNF paper's CNF: 1M)
+    batch_size: int = 100  # phase-2 batch size (official PLAS: 100; the CNF paper's grid for CNF: {256, 512, 1024}; maze2d 10240)
+    eval_every: int = 5_000  # updates between evaluations
+    eval_episodes: int = 10  # episodes per evaluation, stepped together in a vector env
+    log_every: int = 1_000  # updates between logged losses (the only host syncs of the loop)
+    checkpoints_path: str = "runs"  # run directories are created here
+    run_name: Optional[str] = None  # run directory name (default: <algo>-<env>-seed<seed>-<time>)
+    resume: Optional[str] = None  # RUN_DIR of a stopped run: continue from its last checkpoint
+    config_path: Optional[str] = None  # YAML (pyrallis) with values for any field; flags override it
+    wandb_mode: str = "offline"  # online | offline | disabled
+    wandb_project: str = "cnf"  # wandb project
+    # ---- [end block: config] ---------------------------------------------------------------------------
+    # --- data ---
+    normalize_states: bool = False  # official PLAS: raw states; true: cnf.py's normalisation (mean, std + 1e-3)
+    # ---- [block: vae config] ----------------------------------------------------------------------------
+    # --- phase 1: conditional VAE of the behaviour policy (PLAS Sec. 4.1) ---
+    vae_checkpoint: Optional[str] = None  # a vae.pt from an earlier run (plas.py or cnf_vae.py): skip phase 1
+    vae_hidden: int = 750  # encoder and decoder width, 2 hidden layers (official 750; d3rlpy: 128 on medium-replay)
+    vae_steps: int = 500_000  # pre-training steps (official 500k)
+    vae_batch_size: int = 100  # pre-training batch size (official 100)
+    vae_lr: float = 1e-4  # Adam learning rate (official 1e-4)
+    vae_kl_weight: float = 0.5  # weight of the KL term of the loss (official 0.5)
+    vae_save_every: int = 50_000  # steps between phase-1 checkpoints (official: a saved VAE every 50k)
+    # ---- [end block: vae config] ------------------------------------------------------------------------
+    # --- phase 2: deterministic latent policy and twin critics (PLAS Sec. 4.2) ---
+    actor_lr: float = 1e-4  # latent policy (and perturbation layer) learning rate (official 1e-4)
+    critic_lr: float = 1e-3  # critic learning rate (official 1e-3)
+    gamma: float = 0.99  # discount
+    tau: float = 5e-3  # Polyak rate of the target critics and the target policy (official 0.005)
+    target_lambda: float = 0.75  # soft clipped double Q: lambda min(Q1', Q2') + (1 - lambda) max(Q1', Q2')
+    z_max: float = 2.0  # latent policy range [-z_max, z_max]^k (official --max_latent_action 2)
+    phi: float = 0.0  # perturbation bound; 0: no perturbation layer (PLAS), 0.05: PLAS+P (official README)
+
+
+# ---- [block: data | copied from cnf.py] ------------------------------------------------------------
+D4RL_LOCOMOTION = re.compile(r"^(halfcheetah|hopper|walker2d)-(random|medium|medium-replay|medium-expert|expert|full-replay)-v2$")
+D4RL_MAZE2D = re.compile(r"^maze2d-(umaze|medium|large)-v1$")
+BUNDLED = re.compile(r"^(halfcheetah|hopper|walker2d)-(random|medium|medium-replay|expert|medium-expert)-gymv5$")
+D4RL_REF_SCORES = {  # D4RL's (random, expert) returns: normalised score = 100 (R - min) / (max - min)
+    "halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3),
+    "maze2d-umaze": (23.85, 161.86), "maze2d-medium": (13.13, 277.39), "maze2d-large": (6.7, 273.99),
+}
+GYMNASIUM_IDS = {"halfcheetah": "HalfCheetah", "hopper": "Hopper", "walker2d": "Walker2d"}
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class OfflineData:
+    """Transitions after D4RL's q-learning conversion, plus how to evaluate and score on them."""
+
+    name: str
+    observations: np.ndarray  # [N, obs_dim] float32
+    actions: np.ndarray  # [N, act_dim] float32, inside [-1, 1]
+    rewards: np.ndarray  # [N] float32
+    next_observations: np.ndarray  # [N, obs_dim] float32
+    dones: np.ndarray  # [N] float32, 1 where the episode terminated (not timed out)
+    make_eval_env: Callable[[int], object]  # num_envs -> vector env
+    normalize_score: Callable[[np.ndarray], np.ndarray]  # episode returns -> 100 x normalised
+
+
+def qlearning_dataset(raw: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """D4RL's `qlearning_dataset`: next observation = the next row; rows whose `timeouts` is set
+    (the last step of an episode cut by the time limit) are dropped, terminal rows are kept with
+    done = 1, and the file's last row is dropped (it has no next row)."""
+    n = len(raw["rewards"])
+    keep = np.flatnonzero(~raw["timeouts"][: n - 1].astype(bool))
+    return {
+        "observations": raw["observations"][keep],
+        "actions": raw["actions"][keep],
+        "rewards": raw["rewards"][keep],
+        "next_observations": raw["observations"][keep + 1],
+        "dones": raw["terminals"][keep].astype(np.float32),
+    }
+
+
+def read_hdf5(path: str) -> Dict[str, np.ndarray]:
+    import h5py
+
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: dataset file {path} does not exist; check the path "
+                         f"(D4RL files: python data/download_d4rl.py NAME)")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in ("observations", "actions", "rewards", "terminals", "timeouts") if k not in f]
+            if missing:
+                raise SystemExit(f"error: {path} lacks the D4RL keys {missing}; see data/README.md for the format")
+            raw = {k: f[k][:] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
+            raw["attrs"] = dict(f.attrs)
+    except OSError as e:
+        raise SystemExit(f"error: {path} is not a readable HDF5 file ({e}); download or generate it again") from None
+    return raw
+
+
+def check_dataset(raw: Dict[str, np.ndarray], source: str) -> Dict[str, np.ndarray]:
+    """Shapes, NaNs and the action box, each with a message that says what to do."""
+    obs, act = np.asarray(raw["observations"]), np.asarray(raw["actions"])
+    n = len(obs)
+    if obs.ndim != 2 or act.ndim != 2 or n == 0:
+        raise SystemExit(f"error: {source}: observations and actions must be 2-D [N, dim] arrays, "
+                         f"got {obs.shape} and {act.shape}")
+    for key in ("actions", "rewards", "terminals", "timeouts"):
+        if len(raw[key]) != n:
+            raise SystemExit(f"error: {source}: '{key}' has {len(raw[key])} rows but observations have {n}")
+    for key in ("observations", "actions", "rewards"):
+        bad = ~np.isfinite(np.asarray(raw[key]).reshape(n, -1)).all(axis=1)
+        if bad.any():
+            raise SystemExit(f"error: {source}: {bad.sum()} rows of '{key}' hold NaN or inf "
+                             f"(first: row {np.flatnonzero(bad)[0]}); remove or repair them")
+    worst = np.abs(act).max()
+    if worst > 1.0 + 1e-4:
+        row = np.flatnonzero(np.abs(act).max(axis=1) > 1.0 + 1e-4)[0]
+        raise SystemExit(f"error: {source}: actions must lie in [-1, 1] (max |a| = {worst:.4g}, row {row}); "
+                         f"rescale them to the env's action box first")
+    raw["observations"] = obs.astype(np.float32)
+    raw["actions"] = np.clip(act, -1.0, 1.0).astype(np.float32)
+    raw["rewards"] = np.asarray(raw["rewards"], dtype=np.float32)
+    return raw
+
+
+def d4rl_filename(name: str) -> str:
+    """The file name d4rl caches a dataset under (the basename of its URL)."""
+    if D4RL_MAZE2D.match(name):
+        return name.replace("-v1", "-sparse-v1") + ".hdf5"
+    env, level = name[: -len("-v2")].split("-", 1)
+    return f"{env}_{level.replace('-', '_')}-v2.hdf5"
+
+
+def gymnasium_vector_env(env_id: str) -> Callable[[int], object]:
+    def make(num_envs: int):
+        import gymnasium
+
+        return gymnasium.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync")
+
+    return make
+
+
+def reference_normalizer(low: float, high: float) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda returns: 100.0 * (np.asarray(returns) - low) / (high - low)
+
+
+def bundled_dataset_path(name: str) -> str:
+    """Find a bundled dataset in the cache; on first use generate it from the shipped policy."""
+    cache = Path(os.environ.get("CNF_DATA_DIR", Path.home() / ".cache" / "cnf" / "datasets"))
+    path = cache / f"{name}.hdf5"
+    if not path.exists():
+        env, level = BUNDLED.match(name).groups()
+        print(f"generating the bundled dataset {name} into {path} (once; later runs reuse it)", file=sys.stderr)
+        cmd = [sys.executable, str(REPO_ROOT / "data" / "generate.py"), "--env", f"{GYMNASIUM_IDS[env]}-v5",
+               "--level", level, "--num_steps", "1000000", "--seed", "0", "--out", str(path)]
+        if subprocess.run(cmd).returncode != 0:
+            raise SystemExit(f"error: could not generate {name}; run {' '.join(cmd[1:])} to see why")
+    return str(path)
+
+
+def load_offline_data(config: TrainConfig) -> OfflineData:
+    """Resolve --dataset_path / --env to transitions, an evaluation env and a score normaliser."""
+    name = config.env
+    if config.dataset_path is not None:
+        name, raw = Path(config.dataset_path).stem, read_hdf5(config.dataset_path)
+        attrs = raw.pop("attrs")
+        eval_env = config.eval_env or attrs.get("env")
+        if eval_env is None:
+            raise SystemExit(f"error: {config.dataset_path} has no 'env' attribute; pass --eval_env (a Gymnasium id)")
+        d4rl_key = next((k for k in D4RL_REF_SCORES if name.startswith(k)), None)
+        if "ref_min_score" in attrs:
+            low, high = float(attrs["ref_min_score"]), float(attrs["ref_max_score"])
+        elif d4rl_key is not None:
+            low, high = D4RL_REF_SCORES[d4rl_key]
+        else:
+            raise SystemExit(f"error: {config.dataset_path} has no ref_min_score/ref_max_score attributes "
+                             f"to normalise scores with; add them (see data/README.md)")
+        make_env, normalize = gymnasium_vector_env(str(eval_env)), reference_normalizer(low, high)
+    elif D4RL_LOCOMOTION.match(name) or D4RL_MAZE2D.match(name):
+        try:
+            import gym
+            import d4rl  # noqa: F401  (registers the D4RL envs)
+        except ImportError:
+            d4rl = None
+        if d4rl is not None:  # the Docker path: d4rl's own loader, env and score
+            env = gym.make(name)
+            raw = env.get_dataset()
+            make_env = lambda n: gym.vector.SyncVectorEnv([lambda: gym.make(name)] * n)  # noqa: E731
+            normalize = lambda r: 100.0 * np.asarray([d4rl.get_normalized_score(name, x) for x in np.atleast_1d(r)])  # noqa: E731
+        else:
+            if D4RL_MAZE2D.match(name):
+                raise SystemExit(f"error: {name} needs d4rl (maze2d has no Gymnasium equivalent): use the Docker image")
+            path = Path(os.environ.get("D4RL_DATASET_DIR", Path.home() / ".d4rl" / "datasets")) / d4rl_filename(name)
+            if not path.exists():
+                raise SystemExit(f"error: d4rl is not installed and {path} does not exist; "
+                                 f"run: python data/download_d4rl.py {name}")
+            raw = read_hdf5(str(path))
+            raw.pop("attrs")
+            env_key = name.split("-")[0]
+            make_env = gymnasium_vector_env(config.eval_env or f"{GYMNASIUM_IDS[env_key]}-v4")
+            normalize = reference_normalizer(*D4RL_REF_SCORES[env_key])
+    elif BUNDLED.match(name):
+        raw = read_hdf5(bundled_dataset_path(name))
+        attrs = raw.pop("attrs")
+        make_env = gymnasium_vector_env(config.eval_env or str(attrs["env"]))
+        normalize = reference_normalizer(float(attrs["ref_min_score"]), float(attrs["ref_max_score"]))
+    else:
+        raise SystemExit(f"error: unknown --env {name!r}; use a D4RL name (e.g. halfcheetah-medium-v2, "
+                         f"maze2d-umaze-v1), a bundled one (e.g. halfcheetah-medium-gymv5), or --dataset_path FILE")
+    data = qlearning_dataset(check_dataset(raw, config.dataset_path or name))
+    return OfflineData(name=name, make_eval_env=make_env, normalize_score=normalize, **data)
+
+
+def check_eval_env(envs, data: OfflineData) -> None:
+    obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
+    if (obs_dim, act_dim) != (data.observations.shape[1], data.actions.shape[1]):
+        raise SystemExit(f"error: the data has {data.observations.shape[1]}-dim observations and "
+                         f"{data.actions.shape[1]}-dim actions, the evaluation env {obs_dim} and {act_dim}; "
+                         f"pass the matching --eval_env")
+
+
+class ReplayBuffer:
+    """The whole dataset on the training device, states normalised once; sampling never syncs."""
+
+    def __init__(self, data: OfflineData, device: str):
+        self.state_mean = data.observations.mean(0)
+        self.state_std = data.observations.std(0) + 1e-3
+        as_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device)  # noqa: E731
+        self.states = as_tensor((data.observations - self.state_mean) / self.state_std)
+        self.next_states = as_tensor((data.next_observations - self.state_mean) / self.state_std)
+        self.actions = as_tensor(data.actions)
+        self.rewards = as_tensor(data.rewards)[:, None]  # [N, 1]
+        self.dones = as_tensor(data.dones)[:, None]  # [N, 1]
+        self.size, self.device = len(self.states), device
+
+    def sample(self, batch_size: int) -> Tuple[torch.Tensor, ...]:
+        idx = torch.randint(0, self.size, (batch_size,), device=self.device)
+        return self.states[idx], self.actions[idx], self.rewards[idx], self.next_states[idx], self.dones[idx]
+# ---- [end block: data] -----------------------------------------------------------------------------
+
+
+# ---- [block: evaluation | copied from cnf.py] ------------------------------------------------------
+@torch.no_grad()
+def evaluate(make_env: Callable[[int], object], act: Callable[[torch.Tensor], torch.Tensor],
+             state_mean: np.ndarray, state_std: np.ndarray, episodes: int, seed: int, device: str) -> np.ndarray:
+    """Return of `episodes` episodes stepped together in one vector env; `act` maps normalised
+    states [episodes, obs_dim] to actions. Works with Gymnasium's and old gym's vector envs."""
+    envs = make_env(episodes)
+    reset = envs.reset(seed=seed)
+    obs = reset[0] if isinstance(reset, tuple) else reset
+    returns, running = np.zeros(episodes), np.ones(episodes, dtype=bool)
+    while running.any():
+        states = torch.as_tensor((obs - state_mean) / state_std, dtype=torch.float32, device=device)
+        out = envs.step(act(states).cpu().numpy())
+        if len(out) == 5:  # Gymnasium: obs, reward, terminated, truncated, info
+            obs, reward, terminated, truncated, _ = out
+            done = terminated | truncated
+        else:  # gym 0.23: obs, reward, done, info
+            obs, reward, done, _ = out
+        returns += reward * running  # an env that finished keeps auto-resetting: ignore it
+        running &= ~np.asarray(done, dtype=bool)
+    envs.close()
+    return returns
+# ---- [end block: evaluation] -----------------------------------------------------------------------
+
+
+# ---- [block: utilities | copied from cnf.py] -------------------------------------------------------
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every generator's state, in types that torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temp file, then rename: a crash or kill never leaves a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def torch_load(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class RunLogger:
+    """wandb (offline by default) plus metrics.jsonl in the run directory, so curves never need wandb."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path):
+        import wandb
+
+        self.file = open(run_dir / "metrics.jsonl", "a")
+        self.wandb = wandb.init(project=config.wandb_project, group=f"{ALGORITHM}-{config.env}",
+                                name=run_dir.name, config=asdict(config), dir=str(run_dir),
+                                mode=config.wandb_mode, resume="allow", id=run_dir.name.replace("/", "_"))
+
+    def log(self, metrics: Dict[str, float], step: int) -> None:
+        metrics = {k: float(v) for k, v in metrics.items()}
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.file.close()
+        self.wandb.finish()
+
+
+def parse_config(config_class, argv: List[str]):
+    """tyro flags over an optional pyrallis YAML (--config_path): flags win over the file."""
+    import pyrallis
+    import tyro
+
+    default = config_class()
+    if "--config_path" in argv:
+        path = argv[argv.index("--config_path") + 1]
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: --config_path {path} does not exist")
+        with open(path) as f:
+            default = pyrallis.load(config_class, f)
+    config = tyro.cli(config_class, args=argv, default=default, use_underscores=True)
+    if config.resume is not None:  # a resumed run keeps its own config (flags may still change it)
+        saved = Path(config.resume) / "config.yaml"
+        if not saved.is_file():
+            raise SystemExit(f"error: --resume {config.resume} is not a run directory (no config.yaml)")
+        with open(saved) as f:
+            default = pyrallis.load(config_class, f)
+        config = tyro.cli(config_class, args=argv, default=default, use_underscores=True)
+    if config.wandb_mode not in ("online", "offline", "disabled"):
+        raise SystemExit(f"error: --wandb_mode must be online, offline or disabled, not {config.wandb_mode!r}")
+    return config
+
+
+def make_run_dir(config: TrainConfig, data_name: str) -> Path:
+    import pyrallis
+
+    if config.resume is not None:
+        run_dir = Path(config.resume)
+    else:
+        name = config.run_name or f"{ALGORITHM}-{data_name}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = Path(config.checkpoints_path) / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / ".config.yaml.tmp"
+    with open(tmp, "w") as f:
+        pyrallis.dump(config, f)
+    os.replace(tmp, run_dir / "config.yaml")
+    return run_dir
+
+
+def write_results(run_dir: Path, results: dict) -> Path:
+    path = run_dir / "results.json"
+    tmp = run_dir / ".results.json.tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def summarize(evaluations: List[Tuple[int, float]]) -> dict:
+    scores = [score for _, score in evaluations]
+    return {
+        "final_normalized_score": scores[-1] if scores else None,
+        "best_normalized_score": max(scores) if scores else None,
+        "last10_mean_normalized_score": float(np.mean(scores[-10:])) if scores else None,
+        "evaluations": [{"step": step, "normalized_score": score} for step, score in evaluations],
+    }
+# ---- [end block: utilities] ------------------------------------------------------------------------
+
+
+# ---- [block: networks | copied from cnf.py] --------------------------------------------------------
+def mlp(in_dim: int, out_dim: int, hidden: int, n_layers: int, activation=nn.ReLU) -> nn.Sequential:
+    """n_layers linear layers with `activation` between them."""
+    dims = [in_dim] + [hidden] * (n_layers - 1) + [out_dim]
+    layers: List[nn.Module] = []
+    for i in range(n_layers):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < n_layers - 1:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+class VectorizedLinear(nn.Module):
+    """`ensemble` independent linear layers applied in one batched matmul: [E, B, in] -> [E, B, out]."""
+
+    def __init__(self, in_dim: int, out_dim: int, ensemble: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default initialisation, per member
+        self.weight = nn.Parameter(torch.empty(ensemble, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(ensemble, 1, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class TwinCritic(nn.Module):
+    """Q1 and Q2 (n_layers x hidden, ReLU) as one vectorised ensemble: Q(s, a) -> [2, B, 1] (float32)."""
+
+    def __init__(self, state_dim: int, action_dim: int, hidden: int, n_layers: int, amp: bool = False):
+        super().__init__()
+        self.amp = amp  # bfloat16 matmuls
+        dims = [state_dim + action_dim] + [hidden] * (n_layers - 1) + [1]
+        layers: List[nn.Module] = []
+        for i in range(n_layers):
+            layers.append(VectorizedLinear(dims[i], dims[i + 1], ensemble=2))
+            if i < n_layers - 1:
+                layers.append(nn.ReLU())
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([states, actions], dim=-1)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            return self.net(x.unsqueeze(0).expand(2, -1, -1)).float()
+# ---- [end block: networks] -------------------------------------------------------------------------
+
+
+# ---- [block: vae] ----------------------------------------------------------------------------------
+class ConditionalVAE(nn.Module):
+    """PLAS's model of the behaviour policy (Sec. 4.1). Encoder q(z | s, a) = N(mean, exp(log_std)^2):
+    (s, a) -> hidden -> hidden (ReLU) -> (mean, log_std), log_std clamped to [-4, 15]. Decoder
+    a = tanh(MLP(s, z)): (s, z) -> hidden -> hidden (ReLU) -> a; the tanh puts every decoded action
+    inside [-1, 1]^n (the data's action box, max_action = 1) whatever the latent. Latent dim k = 2 n."""
+
+    def __init__(self, action_dim: int, state_dim: int, hidden: int, latent_dim: Optional[int] = None):
+        super().__init__()
+        self.action_dim, self.state_dim, self.hidden = action_dim, state_dim, hidden
+        self.latent_dim = latent_dim or 2 * action_dim
+        self.encoder = mlp(state_dim + action_dim, 2 * self.latent_dim, hidden, 3)
+        self.decoder = mlp(state_dim + self.latent_dim, action_dim, hidden, 3)
+
+    def encode(self, actions: torch.Tensor, states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """-> mean, log_std of q(z | s, a), [B, k] each."""
+        mean, log_std = self.encoder(torch.cat([states, actions], dim=-1)).chunk(2, dim=-1)
+        return mean, log_std.clamp(-4.0, 15.0)
+
+    def decode(self, latents: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """a = dec(s, z) in [-1, 1]^n, for any latent z [B, k]."""
+        return torch.tanh(self.decoder(torch.cat([states, latents], dim=-1)))
+
+    def elbo_terms(self, actions: torch.Tensor, states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction MSE of a reparameterised z ~ q(z | s, a), and KL(q(z | s, a) || N(0, I)),
+        both element means (as the official code)."""
+        mean, log_std = self.encode(actions, states)
+        latents = mean + log_std.exp() * torch.randn_like(mean)
+        reconstruction = F.mse_loss(self.decode(latents, states), actions)
+        kl = -0.5 * (1.0 + 2.0 * log_std - mean.pow(2) - torch.exp(2.0 * log_std)).mean()
+        return reconstruction, kl
+
+    @torch.no_grad()
+    def freeze(self) -> "ConditionalVAE":
+        """For phase 2: no gradients into the VAE (gradients still flow through it to the latents)."""
+        self.requires_grad_(False)
+        self.eval()
+        return self
+
+    def describe(self) -> dict:
+        return {"action_dim": self.action_dim, "state_dim": self.state_dim, "hidden": self.hidden,
+                "latent_dim": self.latent_dim}
+
+
+class VAEPretrainer:
+    """Phase 1: loss = MSE(dec(s, z), a) + kl_weight * KL, Adam; one `train` call = one step."""
+
+    def __init__(self, vae: ConditionalVAE, config: TrainConfig):
+        self.vae, self.config = vae, config
+        self.optimizer = torch.optim.Adam(vae.parameters(), lr=config.vae_lr)
+
+    def train(self, actions: torch.Tensor, states: torch.Tensor) -> Dict[str, torch.Tensor]:
+        reconstruction, kl = self.vae.elbo_terms(actions, states)
+        loss = reconstruction + self.config.vae_kl_weight * kl
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"vae/loss": loss.detach(), "vae/reconstruction": reconstruction.detach(), "vae/kl": kl.detach()}
+
+    def state_dict(self) -> dict:
+        return {"vae": self.vae.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.vae.load_state_dict(state["vae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def load_vae(path: str, buffer: ReplayBuffer, device: str) -> ConditionalVAE:
+    """A vae.pt written by phase 1 (weights, sizes, and the state normalisation it was trained with)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: VAE checkpoint {path} does not exist")
+    saved = torch_load(path)
+    vae = ConditionalVAE(**saved["sizes"])
+    if (vae.action_dim, vae.state_dim) != (buffer.actions.shape[1], buffer.states.shape[1]):
+        raise SystemExit(f"error: VAE checkpoint {path} was trained for {vae.action_dim}-dim actions and "
+                         f"{vae.state_dim}-dim states; this data has {buffer.actions.shape[1]} and {buffer.states.shape[1]}")
+    if not (np.allclose(saved["state_mean"].numpy(), buffer.state_mean, atol=1e-4)
+            and np.allclose(saved["state_std"].numpy(), buffer.state_std, atol=1e-4)):
+        raise SystemExit(f"error: VAE checkpoint {path} saw other states (raw vs normalised, or another dataset); "
+                         f"pre-train one for this run (plas.py --normalize_states matches cnf_vae.py)")
+    vae.load_state_dict(saved["vae"])
+    return vae.to(device)
+
+
+def pretrain_vae(config: TrainConfig, buffer: ReplayBuffer, run_dir: Path, logger: RunLogger,
+                 checkpoint: Optional[dict]) -> ConditionalVAE:
+    """Phase 1: returns the VAE after `vae_steps` steps; writes it to RUN_DIR/vae.pt."""
+    from tqdm import trange
+
+    device = config.device
+    vae = ConditionalVAE(buffer.actions.shape[1], buffer.states.shape[1], config.vae_hidden).to(device)
+    trainer = VAEPretrainer(vae, config)
+    start, last_loss = 0, None
+    if checkpoint is not None:
+        trainer.load_state_dict(checkpoint["pretrainer"])
+        start, last_loss = checkpoint["step"], checkpoint["last_loss"]
+        set_rng_state(checkpoint["rng"])  # the resumed run draws the batches the uninterrupted one would
+    sums, since_log = {}, 0  # summed on the device: no sync per step
+    for step in trange(start + 1, config.vae_steps + 1, desc="phase 1: VAE", initial=start,
+                       total=config.vae_steps, mininterval=5):
+        idx = torch.randint(0, buffer.size, (config.vae_batch_size,), device=device)
+        for key, value in trainer.train(buffer.actions[idx], buffer.states[idx]).items():
+            sums[key] = sums[key] + value if key in sums else value
+        since_log += 1
+        if step % config.log_every == 0 or step == config.vae_steps:
+            means = {key: value.item() / since_log for key, value in sums.items()}
+            logger.log(means, step=step)
+            sums, since_log, last_loss = {}, 0, means["vae/loss"]
+        if step % config.vae_save_every == 0 or step == config.vae_steps:
+            save_atomic({"phase": "vae", "step": step, "pretrainer": trainer.state_dict(), "last_loss": last_loss,
+                         "rng": rng_state()}, run_dir / "checkpoint.pt")
+    save_atomic({"vae": vae.state_dict(), "sizes": vae.describe(), "final_loss": last_loss,
+                 "state_mean": torch.from_numpy(buffer.state_mean), "state_std": torch.from_numpy(buffer.state_std)},
+                run_dir / "vae.pt")
+    return vae
+# ---- [end block: vae] ------------------------------------------------------------------------------
+
+
+# ---- PLAS's networks: latent policy, perturbation layer, 400-300 critics ---------------------------
+HIDDEN = (400, 300)  # actor, perturbation layer and critic widths (official)
+
+
+def mlp_widths(in_dim: int, widths: Sequence[int], out_dim: int) -> nn.Sequential:
+    """Linear layers in_dim -> widths... -> out_dim with ReLU between them."""
+    dims = [in_dim, *widths, out_dim]
+    layers: List[nn.Module] = []
+    for i in range(len(dims) - 1):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < len(dims) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class LatentPolicy(nn.Module):
+    """Deterministic z = pi(s) = z_max * tanh(MLP(s)), s -> 400 -> 300 -> k (Sec. 4.2)."""
+
+    def __init__(self, state_dim: int, latent_dim: int, z_max: float):
+        super().__init__()
+        self.net, self.z_max = mlp_widths(state_dim, HIDDEN, latent_dim), z_max
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return self.z_max * torch.tanh(self.net(states))
+
+
+class Perturbation(nn.Module):
+    """PLAS+P's perturbation xi(s, a) = phi * tanh(MLP(s, a)), (s, a) -> 400 -> 300 -> n (Sec. 4.3)."""
+
+    def __init__(self, state_dim: int, action_dim: int, phi: float):
+        super().__init__()
+        self.net, self.phi = mlp_widths(state_dim + action_dim, HIDDEN, action_dim), phi
+
+    def forward(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return self.phi * torch.tanh(self.net(torch.cat([states, actions], dim=-1)))
+
+
+class Actor(nn.Module):
+    """The policy a = dec(s, pi(s)); with phi > 0, a = clamp(dec(s, pi(s)) + xi(s, dec(s, pi(s))), -1, 1)."""
+
+    def __init__(self, state_dim: int, action_dim: int, latent_dim: int, z_max: float, phi: float):
+        super().__init__()
+        self.latent_policy = LatentPolicy(state_dim, latent_dim, z_max)
+        self.perturbation = Perturbation(state_dim, action_dim, phi) if phi > 0 else None
+
+    def forward(self, states: torch.Tensor, vae: ConditionalVAE) -> Tuple[torch.Tensor, torch.Tensor]:
+        """-> (latents [B, k], actions [B, n]); the VAE is passed in, so it is not part of the actor."""
+        latents = self.latent_policy(states)
+        actions = vae.decode(latents, states)
+        if self.perturbation is not None:
+            actions = (actions + self.perturbation(states, actions)).clamp(-1.0, 1.0)
+        return latents, actions
+
+
+class TwinCritic400300(nn.Module):
+    """Q1 and Q2, each (s, a) -> 400 -> 300 -> 1 (ReLU), as one vectorised ensemble: -> [2, B, 1].
+    (The copied TwinCritic has one width for all layers; PLAS's critics narrow from 400 to 300.)"""
+
+    def __init__(self, state_dim: int, action_dim: int):
+        super().__init__()
+        dims = [state_dim + action_dim, *HIDDEN, 1]
+        self.layers = nn.ModuleList(VectorizedLinear(dims[i], dims[i + 1], ensemble=2) for i in range(len(dims) - 1))
+
+    def forward(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([states, actions], dim=-1).unsqueeze(0).expand(2, -1, -1)
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+    def q1(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Q1 alone [B, 1], its parameters detached: a loss on it differentiates the actions only."""
+        x = torch.cat([states, actions], dim=-1)
+        for i, layer in enumerate(self.layers):
+            x = torch.addmm(layer.bias[0].detach(), x, layer.weight[0].detach())
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+# ---- Phase 2: the latent policy and the critics (PLAS Sec. 4.2) ------------------------------------
+class PLAS:
+    """Deterministic latent policy and twin critics through the frozen decoder; `train(batch)` is one update."""
+
+    def __init__(self, vae: ConditionalVAE, state_dim: int, action_dim: int, config: TrainConfig):
+        self.vae = vae.freeze()
+        self.config = config
+        self.actor = Actor(state_dim, action_dim, vae.latent_dim, config.z_max, config.phi).to(config.device)
+        self.target_actor = copy.deepcopy(self.actor).requires_grad_(False)
+        self.critic = TwinCritic400300(state_dim, action_dim).to(config.device)
+        self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        fused = torch.device(config.device).type in ("cpu", "cuda")  # one kernel for all parameters
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr, fused=fused)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr, fused=fused)
+        self.targets = list(self.target_critic.parameters()) + list(self.target_actor.parameters())
+        self.sources = list(self.critic.parameters()) + list(self.actor.parameters())
+
+    @torch.no_grad()
+    def target_values(self, rewards: torch.Tensor, next_states: torch.Tensor, dones: torch.Tensor) -> torch.Tensor:
+        """BCQ's soft clipped double Q: y = r + gamma (1 - d) [lambda min_i Q_i'(s', a') + (1 - lambda)
+        max_i Q_i'(s', a')], a' = the target actor's action dec(s', pi'(s')). -> [B, 1]"""
+        _, next_actions = self.target_actor(next_states, self.vae)
+        low, high = torch.aminmax(self.target_critic(next_states, next_actions), dim=0)  # [B, 1] each
+        lam = self.config.target_lambda
+        return rewards + self.config.gamma * (1.0 - dones) * (lam * low + (1.0 - lam) * high)
+
+    def train(self, batch: Tuple[torch.Tensor, ...]) -> Dict[str, torch.Tensor]:
+        states, actions, rewards, next_states, dones = batch
+        target = self.target_values(rewards, next_states, dones)
+        q = self.critic(states, actions)  # [2, B, 1]
+        critic_loss = ((q - target) ** 2).mean(dim=(1, 2)).sum()  # MSE of Q1 plus MSE of Q2
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_optimizer.step()
+
+        # Actor: maximise Q1(s, dec(s, pi(s))) with the updated critic, through the frozen decoder.
+        latents, policy_actions = self.actor(states, self.vae)
+        actor_loss = -self.critic.q1(states, policy_actions).mean()
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_optimizer.step()
+
+        with torch.no_grad():  # Polyak averaging of the target critics and target actor, one fused op
+            torch._foreach_lerp_(self.targets, self.sources, self.config.tau)
+        return {"critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach(),
+                "q_mean": q.detach().mean(), "latent_abs_mean": latents.detach().abs().mean()}
+
+    @torch.no_grad()
+    def act(self, states: torch.Tensor) -> torch.Tensor:
+        """Evaluation: a = dec(s, pi(s)) (plus the perturbation when phi > 0)."""
+        return self.actor(states, self.vae)[1]
+
+    def state_dict(self) -> dict:
+        return {"actor": self.actor.state_dict(), "target_actor": self.target_actor.state_dict(),
+                "critic": self.critic.state_dict(), "target_critic": self.target_critic.state_dict(),
+                "actor_optimizer": self.actor_optimizer.state_dict(),
+                "critic_optimizer": self.critic_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.actor.load_state_dict(state["actor"])
+        self.target_actor.load_state_dict(state["target_actor"])
+        self.critic.load_state_dict(state["critic"])
+        self.target_critic.load_state_dict(state["target_critic"])
+        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
+        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+
+
+# ---- The loop ------------------------------------------------------------------------------------
+def use_raw_states(buffer: ReplayBuffer, data: OfflineData) -> None:
+    """Official PLAS sees raw states: replace the buffer's normalised states by the observations
+    themselves, and make the normalisation that evaluation applies the identity (mean 0, std 1)."""
+    as_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=buffer.device)  # noqa: E731
+    buffer.states, buffer.next_states = as_tensor(data.observations), as_tensor(data.next_observations)
+    buffer.state_mean = np.zeros_like(buffer.state_mean)
+    buffer.state_std = np.ones_like(buffer.state_std)
+
+
+def train(config: TrainConfig) -> Path:
+    """Both phases, evaluation, checkpoints and results.json; returns the results.json path."""
+    from tqdm import trange
+
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but CUDA is not available; pass --device cpu")
+    if config.cpu_threads:
+        torch.set_num_threads(config.cpu_threads)
+    data = load_offline_data(config)
+    probe = data.make_eval_env(1)
+    check_eval_env(probe, data)
+    probe.close()
+    run_dir = make_run_dir(config, data.name)
+    checkpoint = torch_load(run_dir / "checkpoint.pt") if (run_dir / "checkpoint.pt").exists() else None
+    set_seed(config.seed)
+    buffer = ReplayBuffer(data, config.device)
+    if not config.normalize_states:
+        use_raw_states(buffer, data)
+    logger = RunLogger(config, run_dir)
+    started = time.time()
+
+    if config.vae_checkpoint is not None:
+        vae = load_vae(config.vae_checkpoint, buffer, config.device)
+    elif checkpoint is not None and checkpoint["phase"] == "rl":
+        vae = load_vae(str(run_dir / "vae.pt"), buffer, config.device)
+    else:
+        vae = pretrain_vae(config, buffer, run_dir, logger, checkpoint)
+        checkpoint = None  # phase 2 starts fresh
+    agent = PLAS(vae, buffer.states.shape[1], buffer.actions.shape[1], config)
+
+    start, evaluations = 0, []
+    if checkpoint is not None and checkpoint["phase"] == "rl":
+        agent.load_state_dict(checkpoint["agent"])
+        start, evaluations = checkpoint["step"], [tuple(e) for e in checkpoint["evaluations"]]
+        set_rng_state(checkpoint["rng"])
+    rl_started, update_time = time.time(), 0.0
+    for step in trange(start + 1, config.train_steps + 1, desc="phase 2: RL", initial=start,
+                       total=config.train_steps, mininterval=5):
+        tick = time.perf_counter()
+        metrics = agent.train(buffer.sample(config.batch_size))
+        update_time += time.perf_counter() - tick
+        if step % config.log_every == 0:
+            logger.log({k: v.item() for k, v in metrics.items()}, step=step)
+        if step % config.eval_every == 0 or step == config.train_steps:
+            returns = evaluate(data.make_eval_env, agent.act, buffer.state_mean, buffer.state_std,
+                               config.eval_episodes, config.seed, config.device)
+            score = float(np.mean(data.normalize_score(returns)))
+            evaluations.append((step, score))
+            logger.log({"eval/normalized_score": score, "eval/return": float(returns.mean())}, step=step)
+            save_atomic({"phase": "rl", "step": step, "agent": agent.state_dict(), "evaluations": evaluations,
+                         "rng": rng_state()}, run_dir / "checkpoint.pt")
+    logger.close()
+    done = config.train_steps - start
+    results = {"algorithm": ALGORITHM, "dataset": data.name, **summarize(evaluations),
+               "train_steps": config.train_steps, "wall_time_s": time.time() - started,
+               "updates_per_s": done / update_time if update_time > 0 else None,
+               "rl_wall_time_s": time.time() - rl_started,
+               "vae_final_loss": torch_load(run_dir / "vae.pt")["final_loss"] if (run_dir / "vae.pt").exists() else None}
+    return write_results(run_dir, results)
+
+
+if __name__ == "__main__":
+    path = train(parse_config(TrainConfig, sys.argv[1:]))
+    print(f"results: {path}")
