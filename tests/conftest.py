@@ -1,6 +1,9 @@
 """Shared test helpers: tiny D4RL-format HDF5 files written by the tests themselves."""
+import json
 import os
+import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -43,3 +46,46 @@ def write_tiny_hdf5(path, n=2000, episode=200, obs_dim=11, act_dim=3, env="Hoppe
 @pytest.fixture
 def tiny_hdf5(tmp_path):
     return write_tiny_hdf5(tmp_path / "tiny.hdf5")
+
+
+def run_algorithm(name, *args, timeout=600):
+    """Run algorithms/<name>.py in a subprocess on the CPU, one thread, wandb off."""
+    cmd = [sys.executable, str(ROOT / "algorithms" / f"{name}.py"), "--device", "cpu", "--cpu_threads", "1",
+           "--wandb_mode", "disabled", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def interrupted_then_resumed(module, trainer_class, config, monkeypatch, stop_after=30):
+    """Run `config` as run "stopped" until update `stop_after + 1` raises (a kill), check that the last
+    checkpoint is the last evaluation before it, then `--resume` the run; return its results.json."""
+    calls, original = {"n": 0}, trainer_class.train
+
+    def stop(self, batch):
+        calls["n"] += 1
+        if calls["n"] > stop_after:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(trainer_class, "train", stop)
+    with pytest.raises(KeyboardInterrupt):
+        module.train(replace(config, run_name="stopped"))
+    run_dir = Path(config.checkpoints_path) / "stopped"
+    saved_step = torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"]
+    assert saved_step == stop_after // config.eval_every * config.eval_every
+    monkeypatch.setattr(trainer_class, "train", original)
+    return json.loads(module.train(replace(config, resume=str(run_dir))).read_text())
+
+
+def random_flow(flow_class, action_dim, state_dim=4, n_blocks=3, hidden=16, seed=0, dtype=torch.float64):
+    """A flow that is *not* the identity: couplings' last layers random (|log-scale| <= 0.2 per
+    block, as the rescale r bounds it), ActNorm initialised on actions that fill the box."""
+    torch.manual_seed(seed)
+    flow = flow_class(action_dim, state_dim, n_blocks, hidden).to(dtype)
+    with torch.no_grad():
+        for block in flow.blocks:
+            block.coupling.conditioner[-1].weight.normal_(0.0, 0.3)
+            block.coupling.conditioner[-1].bias.normal_(0.0, 0.3)
+            block.coupling.rescale.fill_(0.2)
+        actions = torch.rand(256, action_dim, dtype=dtype) * 1.9 - 0.95
+        flow.encode(actions, torch.randn(256, state_dim, dtype=dtype), initialize=True)
+    return flow

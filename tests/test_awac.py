@@ -1,8 +1,6 @@
 """algorithms/awac.py: advantage weights, the actor and critic updates, the run loop."""
 import json
 import math
-import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
@@ -10,7 +8,7 @@ import pytest
 import torch
 
 import awac
-from conftest import ROOT
+from conftest import ROOT, interrupted_then_resumed, run_algorithm
 
 
 def tiny_config(**overrides):
@@ -131,8 +129,7 @@ def test_yaml_presets_load_and_flags_override_them(family, fields):
 
 
 def run_script(*args, timeout=600):
-    cmd = [sys.executable, str(ROOT / "algorithms" / "awac.py"), "--device", "cpu", "--wandb_mode", "disabled", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return run_algorithm("awac", *args, timeout=timeout)
 
 
 def test_end_to_end_run_writes_what_it_promises(tmp_path, tiny_hdf5):
@@ -159,20 +156,7 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(tmp_path, tiny_hdf5, m
     full = json.loads(awac.train(replace(config, run_name="full")).read_text())
     full_agent = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["agent"]
 
-    calls, original = {"n": 0}, awac.AWAC.train
-
-    def stop_after_30(self, batch):
-        calls["n"] += 1
-        if calls["n"] > 30:
-            raise KeyboardInterrupt  # a kill after the checkpoint of step 20
-        return original(self, batch)
-
-    monkeypatch.setattr(awac.AWAC, "train", stop_after_30)
-    with pytest.raises(KeyboardInterrupt):
-        awac.train(replace(config, run_name="stopped"))
-    assert torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["step"] == 20
-    monkeypatch.setattr(awac.AWAC, "train", original)
-    resumed = json.loads(awac.train(replace(config, resume=str(tmp_path / "stopped"))).read_text())
+    resumed = interrupted_then_resumed(awac, awac.AWAC, config, monkeypatch)
     assert [e["step"] for e in resumed["evaluations"]] == [20, 40, 60]
     assert resumed["evaluations"] == full["evaluations"]
     resumed_agent = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["agent"]

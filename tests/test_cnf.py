@@ -1,8 +1,6 @@
 """algorithms/cnf.py: the flow's mathematics, both training phases, the run loop, and bad input."""
 import copy
 import json
-import subprocess
-import sys
 from dataclasses import replace
 
 import h5py
@@ -11,22 +9,12 @@ import pytest
 import torch
 
 import cnf
-from conftest import ROOT, write_tiny_hdf5
+import conftest
+from conftest import ROOT, interrupted_then_resumed, run_algorithm, write_tiny_hdf5
 
 
-def random_flow(action_dim, state_dim=4, n_blocks=3, hidden=16, seed=0, dtype=torch.float64):
-    """A flow that is *not* the identity: couplings' last layers random (|log-scale| <= 0.2 per
-    block, as the rescale r bounds it), ActNorm initialised on actions that fill the box."""
-    torch.manual_seed(seed)
-    flow = cnf.ConditionalFlow(action_dim, state_dim, n_blocks, hidden).to(dtype)
-    with torch.no_grad():
-        for block in flow.blocks:
-            block.coupling.conditioner[-1].weight.normal_(0.0, 0.3)
-            block.coupling.conditioner[-1].bias.normal_(0.0, 0.3)
-            block.coupling.rescale.fill_(0.2)
-        actions = torch.rand(256, action_dim, dtype=dtype) * 1.9 - 0.95
-        flow.encode(actions, torch.randn(256, state_dim, dtype=dtype), initialize=True)
-    return flow
+def random_flow(action_dim, **kwargs):
+    return conftest.random_flow(cnf.ConditionalFlow, action_dim, **kwargs)
 
 
 # float64 checks the mathematics exactly; float32 (what training uses) loses resolution where a
@@ -211,8 +199,7 @@ def test_qlearning_conversion_terminal_and_timeout_endings():
 
 
 def run_script(*args, timeout=600):
-    cmd = [sys.executable, str(ROOT / "algorithms" / "cnf.py"), "--device", "cpu", "--wandb_mode", "disabled", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return run_algorithm("cnf", *args, timeout=timeout)
 
 
 TINY_FLAGS = ["--train_steps", "40", "--eval_every", "20", "--eval_episodes", "2", "--batch_size", "32",
@@ -246,20 +233,7 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(tmp_path, tiny_hdf5, m
     full = json.loads(cnf.train(replace(config, run_name="full")).read_text())
     full_actor = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["agent"]["actor"]
 
-    calls, original = {"n": 0}, cnf.CNF.train
-
-    def stop_after_30(self, batch):
-        calls["n"] += 1
-        if calls["n"] > 30:
-            raise KeyboardInterrupt  # a kill after the checkpoint of step 20
-        return original(self, batch)
-
-    monkeypatch.setattr(cnf.CNF, "train", stop_after_30)
-    with pytest.raises(KeyboardInterrupt):
-        cnf.train(replace(config, run_name="stopped"))
-    assert torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["step"] == 20
-    monkeypatch.setattr(cnf.CNF, "train", original)
-    resumed = json.loads(cnf.train(replace(config, resume=str(tmp_path / "stopped"))).read_text())
+    resumed = interrupted_then_resumed(cnf, cnf.CNF, config, monkeypatch)
     assert [e["step"] for e in resumed["evaluations"]] == [20, 40, 60]
     assert resumed["evaluations"] == full["evaluations"]
     resumed_actor = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["agent"]["actor"]

@@ -2,40 +2,18 @@
 gradient through the flow (Fig. 9, Appendix A.4), the run loop and bad input."""
 import copy
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
-import pytest
 import torch
 
 import cnf_latent_only as lo
-from conftest import ROOT
+import conftest
+from conftest import ROOT, interrupted_then_resumed, run_algorithm
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The 2 shared cores also run other jobs: torch's two spinning threads would slow these tests 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def random_flow(action_dim, state_dim=4, n_blocks=3, hidden=16, seed=0, dtype=torch.float64):
-    """A Uniform-latent flow that is *not* the identity (as test_cnf.py's random_flow)."""
-    torch.manual_seed(seed)
-    flow = lo.ConditionalFlow(action_dim, state_dim, n_blocks, hidden).to(dtype)
-    with torch.no_grad():
-        for block in flow.blocks:
-            block.coupling.conditioner[-1].weight.normal_(0.0, 0.3)
-            block.coupling.conditioner[-1].bias.normal_(0.0, 0.3)
-            block.coupling.rescale.fill_(0.2)
-        actions = torch.rand(256, action_dim, dtype=dtype) * 1.9 - 0.95
-        flow.encode(actions, torch.randn(256, state_dim, dtype=dtype), initialize=True)
-    return flow
+def random_flow(action_dim, **kwargs):
+    return conftest.random_flow(lo.ConditionalFlow, action_dim, **kwargs)
 
 
 def tiny_config(**overrides):
@@ -188,9 +166,7 @@ def test_policy_moves_toward_high_advantage_latents():
 
 # ---- the run loop ----------------------------------------------------------------------------------
 def run_script(*args, timeout=600):
-    cmd = [sys.executable, str(ROOT / "algorithms" / "cnf_latent_only.py"), "--device", "cpu",
-           "--wandb_mode", "disabled", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return run_algorithm("cnf_latent_only", *args, timeout=timeout)
 
 
 TINY_FLAGS = ["--train_steps", "40", "--eval_every", "20", "--eval_episodes", "2", "--batch_size", "32",
@@ -230,20 +206,7 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(tmp_path, tiny_hdf5, m
     full = json.loads(lo.train(replace(config, run_name="full")).read_text())
     full_actor = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["agent"]["actor"]
 
-    calls, original = {"n": 0}, lo.LatentOnlyCNF.train
-
-    def stop_after_30(self, batch):
-        calls["n"] += 1
-        if calls["n"] > 30:
-            raise KeyboardInterrupt  # a kill after the checkpoint of step 20
-        return original(self, batch)
-
-    monkeypatch.setattr(lo.LatentOnlyCNF, "train", stop_after_30)
-    with pytest.raises(KeyboardInterrupt):
-        lo.train(replace(config, run_name="stopped"))
-    assert torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["step"] == 20
-    monkeypatch.setattr(lo.LatentOnlyCNF, "train", original)
-    resumed = json.loads(lo.train(replace(config, resume=str(tmp_path / "stopped"))).read_text())
+    resumed = interrupted_then_resumed(lo, lo.LatentOnlyCNF, config, monkeypatch)
     assert [e["step"] for e in resumed["evaluations"]] == [20, 40, 60]
     assert resumed["evaluations"] == full["evaluations"]
     assert resumed["latent_edge_fraction"] == full["latent_edge_fraction"]

@@ -1,9 +1,6 @@
 """algorithms/cnf_normal_ablation.py: the Normal-latent flow's mathematics, the unbounded (Fig. 5)
 and clipped (Fig. 6) latent policies, phase-1 NLL logging (Fig. 8), the run loop and bad input."""
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
@@ -12,30 +9,12 @@ import torch
 
 import cnf
 import cnf_normal_ablation as nab
-from conftest import ROOT
+import conftest
+from conftest import ROOT, interrupted_then_resumed, run_algorithm
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The 2 shared cores also run other jobs: torch's two spinning threads would slow these tests 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def random_flow(action_dim, state_dim=4, n_blocks=3, hidden=16, seed=0, dtype=torch.float64):
-    """A Normal-latent flow that is *not* the identity (as test_cnf.py's random_flow)."""
-    torch.manual_seed(seed)
-    flow = nab.NormalConditionalFlow(action_dim, state_dim, n_blocks, hidden).to(dtype)
-    with torch.no_grad():
-        for block in flow.blocks:
-            block.coupling.conditioner[-1].weight.normal_(0.0, 0.3)
-            block.coupling.conditioner[-1].bias.normal_(0.0, 0.3)
-            block.coupling.rescale.fill_(0.2)
-        actions = torch.rand(256, action_dim, dtype=dtype) * 1.9 - 0.95
-        flow.encode(actions, torch.randn(256, state_dim, dtype=dtype), initialize=True)
-    return flow
+def random_flow(action_dim, **kwargs):
+    return conftest.random_flow(nab.NormalConditionalFlow, action_dim, **kwargs)
 
 
 # ---- the Normal-latent flow ------------------------------------------------------------------------
@@ -231,9 +210,7 @@ def test_policy_moves_toward_high_advantage_actions():
 
 # ---- the run loop ----------------------------------------------------------------------------------
 def run_script(*args, timeout=600):
-    cmd = [sys.executable, str(ROOT / "algorithms" / "cnf_normal_ablation.py"), "--device", "cpu",
-           "--wandb_mode", "disabled", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return run_algorithm("cnf_normal_ablation", *args, timeout=timeout)
 
 
 TINY_FLAGS = ["--train_steps", "40", "--eval_every", "20", "--eval_episodes", "2", "--batch_size", "32",
@@ -293,20 +270,7 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(tmp_path, tiny_hdf5, m
     full = json.loads(nab.train(replace(config, run_name="full")).read_text())
     full_actor = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["agent"]["actor"]
 
-    calls, original = {"n": 0}, nab.NormalLatentCNF.train
-
-    def stop_after_30(self, batch):
-        calls["n"] += 1
-        if calls["n"] > 30:
-            raise KeyboardInterrupt  # a kill after the checkpoint of step 20
-        return original(self, batch)
-
-    monkeypatch.setattr(nab.NormalLatentCNF, "train", stop_after_30)
-    with pytest.raises(KeyboardInterrupt):
-        nab.train(replace(config, run_name="stopped"))
-    assert torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["step"] == 20
-    monkeypatch.setattr(nab.NormalLatentCNF, "train", original)
-    resumed = json.loads(nab.train(replace(config, resume=str(tmp_path / "stopped"))).read_text())
+    resumed = interrupted_then_resumed(nab, nab.NormalLatentCNF, config, monkeypatch)
     assert [e["step"] for e in resumed["evaluations"]] == [20, 40, 60]
     assert resumed["evaluations"] == full["evaluations"]
     resumed_actor = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["agent"]["actor"]

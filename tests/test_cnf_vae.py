@@ -1,7 +1,5 @@
 """algorithms/cnf_vae.py: CNF's update through PLAS's frozen CVAE decoder (Fig. 7's CNF-VAE)."""
 import json
-import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
@@ -10,7 +8,7 @@ import torch
 
 import cnf_vae
 import plas
-from conftest import ROOT
+from conftest import ROOT, interrupted_then_resumed, run_algorithm
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -139,9 +137,7 @@ def test_a_plas_vae_fits_only_when_it_saw_the_same_states(tmp_path, tiny_hdf5):
 
 
 def run_script(*args, timeout=600):
-    cmd = [sys.executable, str(ROOT / "algorithms" / "cnf_vae.py"), "--device", "cpu", "--cpu_threads", "1",
-           "--wandb_mode", "disabled", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return run_algorithm("cnf_vae", *args, timeout=timeout)
 
 
 TINY_FLAGS = ["--train_steps", "40", "--eval_every", "20", "--eval_episodes", "2", "--batch_size", "32",
@@ -173,19 +169,7 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(tmp_path, tiny_hdf5, m
     full = json.loads(cnf_vae.train(replace(config, run_name="full")).read_text())
     full_actor = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["agent"]["actor"]
 
-    calls, original = {"n": 0}, cnf_vae.CNFVAE.train
-
-    def stop_after_30(self, batch):
-        calls["n"] += 1
-        if calls["n"] > 30:
-            raise KeyboardInterrupt  # a kill after the checkpoint of step 20
-        return original(self, batch)
-
-    monkeypatch.setattr(cnf_vae.CNFVAE, "train", stop_after_30)
-    with pytest.raises(KeyboardInterrupt):
-        cnf_vae.train(replace(config, run_name="stopped"))
-    monkeypatch.setattr(cnf_vae.CNFVAE, "train", original)
-    resumed = json.loads(cnf_vae.train(replace(config, resume=str(tmp_path / "stopped"))).read_text())
+    resumed = interrupted_then_resumed(cnf_vae, cnf_vae.CNFVAE, config, monkeypatch)
     assert resumed["evaluations"] == full["evaluations"] and len(full["evaluations"]) == 3
     resumed_actor = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["agent"]["actor"]
     assert all(torch.equal(full_actor[k], resumed_actor[k]) for k in full_actor)

@@ -1,8 +1,6 @@
 """algorithms/iql.py: expectile value loss, critics, policy extraction, reward scaling, the run loop."""
 import json
 import math
-import subprocess
-import sys
 from dataclasses import replace
 
 import h5py
@@ -11,7 +9,7 @@ import pytest
 import torch
 
 import iql
-from conftest import ROOT, write_tiny_hdf5
+from conftest import ROOT, interrupted_then_resumed, run_algorithm
 
 
 def tiny_config(**overrides):
@@ -184,8 +182,7 @@ def raw_episode_returns(path):
 
 
 def run_script(*args, timeout=600):
-    cmd = [sys.executable, str(ROOT / "algorithms" / "iql.py"), "--device", "cpu", "--wandb_mode", "disabled", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return run_algorithm("iql", *args, timeout=timeout)
 
 
 def test_end_to_end_run_writes_what_it_promises(tmp_path, tiny_hdf5):
@@ -215,20 +212,7 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(tmp_path, tiny_hdf5, m
     full = json.loads(iql.train(replace(config, run_name="full")).read_text())
     full_agent = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["agent"]
 
-    calls, original = {"n": 0}, iql.IQL.train
-
-    def stop_after_30(self, batch):
-        calls["n"] += 1
-        if calls["n"] > 30:
-            raise KeyboardInterrupt  # a kill after the checkpoint of step 20
-        return original(self, batch)
-
-    monkeypatch.setattr(iql.IQL, "train", stop_after_30)
-    with pytest.raises(KeyboardInterrupt):
-        iql.train(replace(config, run_name="stopped"))
-    assert torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["step"] == 20
-    monkeypatch.setattr(iql.IQL, "train", original)
-    resumed = json.loads(iql.train(replace(config, resume=str(tmp_path / "stopped"))).read_text())
+    resumed = interrupted_then_resumed(iql, iql.IQL, config, monkeypatch)
     assert [e["step"] for e in resumed["evaluations"]] == [20, 40, 60]
     assert resumed["evaluations"] == full["evaluations"]
     resumed_agent = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["agent"]

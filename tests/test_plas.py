@@ -1,7 +1,5 @@
 """algorithms/plas.py: the CVAE, the latent box, BCQ's soft clipped double-Q target, both phases, the loop."""
 import json
-import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
@@ -9,7 +7,7 @@ import pytest
 import torch
 
 import plas
-from conftest import ROOT
+from conftest import ROOT, run_algorithm
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -162,9 +160,7 @@ def test_actor_climbs_q1_through_the_frozen_decoder():
 
 
 def run_script(*args, timeout=600):
-    cmd = [sys.executable, str(ROOT / "algorithms" / "plas.py"), "--device", "cpu", "--cpu_threads", "1",
-           "--wandb_mode", "disabled", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return run_algorithm("plas", *args, timeout=timeout)
 
 
 TINY_FLAGS = ["--train_steps", "40", "--eval_every", "20", "--eval_episodes", "2", "--batch_size", "32",
