@@ -89,3 +89,12 @@ def random_flow(flow_class, action_dim, state_dim=4, n_blocks=3, hidden=16, seed
         actions = torch.rand(256, action_dim, dtype=dtype) * 1.9 - 0.95
         flow.encode(actions, torch.randn(256, state_dim, dtype=dtype), initialize=True)
     return flow
+
+
+def toy_conditional_data(n, seed=0):
+    """a | s: centred at (tanh(s0), -tanh(s1)) * 0.7 with state-dependent spread, inside (-1, 1)^2."""
+    g = torch.Generator().manual_seed(seed)
+    states = torch.randn(n, 3, generator=g)
+    centre = torch.stack([torch.tanh(states[:, 0]), -torch.tanh(states[:, 1])], -1) * 0.7
+    actions = (centre + 0.05 * torch.randn(n, 2, generator=g) * (1 + states[:, 2:3].abs())).clamp(-0.99, 0.99)
+    return actions, states

@@ -10,7 +10,7 @@ import torch
 
 import cnf
 import conftest
-from conftest import ROOT, interrupted_then_resumed, run_algorithm, write_tiny_hdf5
+from conftest import ROOT, interrupted_then_resumed, run_algorithm, toy_conditional_data, write_tiny_hdf5
 
 
 def random_flow(action_dim, **kwargs):
@@ -93,15 +93,6 @@ def test_frozen_flow_gets_no_gradient_and_matches_unfrozen_decode():
     actions.sum().backward()
     assert torch.allclose(actions, before, atol=1e-5)
     assert latents.grad is not None and all(p.grad is None and not p.requires_grad for p in flow.parameters())
-
-
-def toy_conditional_data(n, seed=0):
-    """a | s: a mixture centred at tanh(s0) with state-dependent spread, inside (-1, 1)^2."""
-    g = torch.Generator().manual_seed(seed)
-    states = torch.randn(n, 3, generator=g)
-    centre = torch.stack([torch.tanh(states[:, 0]), -torch.tanh(states[:, 1])], -1) * 0.7
-    actions = (centre + 0.05 * torch.randn(n, 2, generator=g) * (1 + states[:, 2:3].abs())).clamp(-0.99, 0.99)
-    return actions, states
 
 
 def tiny_config(**overrides):

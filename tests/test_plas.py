@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import plas
-from conftest import ROOT, run_algorithm
+from conftest import ROOT, run_algorithm, toy_conditional_data
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -24,15 +24,6 @@ def tiny_config(**overrides):
                   batch_size=32)
     fields.update(overrides)
     return plas.TrainConfig(**fields)
-
-
-def toy_conditional_data(n, seed=0):
-    """a | s: centred at a function of s, with state-dependent spread, inside (-1, 1)^2."""
-    g = torch.Generator().manual_seed(seed)
-    states = torch.randn(n, 3, generator=g)
-    centre = torch.stack([torch.tanh(states[:, 0]), -torch.tanh(states[:, 1])], -1) * 0.7
-    actions = (centre + 0.05 * torch.randn(n, 2, generator=g) * (1 + states[:, 2:3].abs())).clamp(-0.99, 0.99)
-    return actions, states
 
 
 def box_corners(k, scale):

@@ -87,6 +87,14 @@ def random_batch(batch_size: int, device: str):
             torch.zeros(batch_size, 1, device=device))
 
 
+def report_update(algo: str, update, args) -> None:
+    """The three figures of one training update: updates/s, ATen ops, host syncs."""
+    report(algo, "rl_updates_per_s", rate(update, args.seconds, args.repeats))
+    ops = count_ops(update)
+    report(algo, "aten_ops_per_update", sum(ops.values()))
+    report(algo, "host_syncs_per_update", ops["aten._local_scalar_dense"])
+
+
 def report(algo: str, metric: str, value) -> None:
     print(f"{algo} {metric} {value:.1f}" if isinstance(value, float) else f"{algo} {metric} {value}", flush=True)
 
@@ -103,10 +111,7 @@ def measure_cnf(args, amp: bool) -> None:
 
     agent = cnf.CNF(flow, STATE_DIM, ACTION_DIM, config)
     batch = random_batch(config.batch_size, args.device)
-    report(name, "rl_updates_per_s", rate(lambda: agent.train(batch), args.seconds, args.repeats))
-    ops = count_ops(lambda: agent.train(batch))
-    report(name, "aten_ops_per_update", sum(ops.values()))
-    report(name, "host_syncs_per_update", ops["aten._local_scalar_dense"])
+    report_update(name, lambda: agent.train(batch), args)
 
 
 def measure_official(args) -> None:
@@ -140,10 +145,7 @@ def measure_official(args) -> None:
         critic_2, torch.optim.Adam(critic_2.parameters(), lr=3e-4), gamma=0.99, tau=2e-3, awac_lambda=1 / 3, flow=flow)
     s, a, r, s2, d = random_batch(512, args.device)
     update = lambda: algorithm.update(s, a, r, d, s2)  # noqa: E731  (its batch order: s, a, r, done, s')
-    report("official_cnf", "rl_updates_per_s", rate(update, args.seconds, args.repeats))
-    ops = count_ops(update)
-    report("official_cnf", "aten_ops_per_update", sum(ops.values()))
-    report("official_cnf", "host_syncs_per_update", ops["aten._local_scalar_dense"])
+    report_update("official_cnf", update, args)
 
 
 def measure_plas(args) -> None:
@@ -158,10 +160,7 @@ def measure_plas(args) -> None:
 
     agent = plas.PLAS(vae, STATE_DIM, ACTION_DIM, config)
     batch = random_batch(config.batch_size, args.device)
-    report("plas", "rl_updates_per_s", rate(lambda: agent.train(batch), args.seconds, args.repeats))
-    ops = count_ops(lambda: agent.train(batch))
-    report("plas", "aten_ops_per_update", sum(ops.values()))
-    report("plas", "host_syncs_per_update", ops["aten._local_scalar_dense"])
+    report_update("plas", lambda: agent.train(batch), args)
 
 
 def measure_awac(args) -> None:
@@ -170,10 +169,7 @@ def measure_awac(args) -> None:
     config = awac.TrainConfig(device=args.device)  # CORL's sizes are the defaults
     agent = awac.AWAC(STATE_DIM, ACTION_DIM, config)
     batch = random_batch(config.batch_size, args.device)
-    report("awac", "rl_updates_per_s", rate(lambda: agent.train(batch), args.seconds, args.repeats))
-    ops = count_ops(lambda: agent.train(batch))
-    report("awac", "aten_ops_per_update", sum(ops.values()))
-    report("awac", "host_syncs_per_update", ops["aten._local_scalar_dense"])
+    report_update("awac", lambda: agent.train(batch), args)
 
 
 def measure_iql(args) -> None:
@@ -182,10 +178,7 @@ def measure_iql(args) -> None:
     config = iql.TrainConfig(device=args.device)  # CORL's sizes are the defaults
     agent = iql.IQL(STATE_DIM, ACTION_DIM, config)
     batch = random_batch(config.batch_size, args.device)
-    report("iql", "rl_updates_per_s", rate(lambda: agent.train(batch), args.seconds, args.repeats))
-    ops = count_ops(lambda: agent.train(batch))
-    report("iql", "aten_ops_per_update", sum(ops.values()))
-    report("iql", "host_syncs_per_update", ops["aten._local_scalar_dense"])
+    report_update("iql", lambda: agent.train(batch), args)
 
 
 def load_corl(corl_dir: str, name: str):
@@ -224,10 +217,7 @@ def measure_corl(args) -> None:
                                                           adam(critic_2), gamma=0.99, tau=5e-3, awac_lambda=1.0)
     batch = list(random_batch(256, args.device))  # its order: s, a, r, s', done
     update = lambda: awac_trainer.update(batch)  # noqa: E731
-    report("corl_awac", "rl_updates_per_s", rate(update, args.seconds, args.repeats))
-    ops = count_ops(update)
-    report("corl_awac", "aten_ops_per_update", sum(ops.values()))
-    report("corl_awac", "host_syncs_per_update", ops["aten._local_scalar_dense"])
+    report_update("corl_awac", update, args)
 
     corl_iql = load_corl(args.corl, "iql")
     q_network = corl_iql.TwinQ(STATE_DIM, ACTION_DIM).to(device)
@@ -238,10 +228,7 @@ def measure_corl(args) -> None:
         v_network=v_network, v_optimizer=adam(v_network), iql_tau=0.7, beta=3.0, max_steps=1_000_000,
         discount=0.99, tau=0.005, device=args.device)
     update = lambda: iql_trainer.train(batch)  # noqa: E731
-    report("corl_iql", "rl_updates_per_s", rate(update, args.seconds, args.repeats))
-    ops = count_ops(update)
-    report("corl_iql", "aten_ops_per_update", sum(ops.values()))
-    report("corl_iql", "host_syncs_per_update", ops["aten._local_scalar_dense"])
+    report_update("corl_iql", update, args)
 
 
 def main() -> None:
