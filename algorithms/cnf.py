@@ -861,6 +861,7 @@ class CNF:
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr, fused=fused)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr, fused=fused)
 
+    # ---- [block: cnf update] -------------------------------------------------------------------------
     def train(self, batch: Tuple[torch.Tensor, ...]) -> Dict[str, torch.Tensor]:
         states, actions, rewards, next_states, dones = batch
         cfg = self.config
@@ -893,6 +894,7 @@ class CNF:
             torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()), cfg.tau)
         return {"critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach(),
                 "q_mean": q.detach().mean(), "adv_weight_mean": weights.mean()}
+    # ---- [end block: cnf update] ---------------------------------------------------------------------
 
     @torch.no_grad()
     def act(self, states: torch.Tensor) -> torch.Tensor:

@@ -98,3 +98,11 @@ def toy_conditional_data(n, seed=0):
     centre = torch.stack([torch.tanh(states[:, 0]), -torch.tanh(states[:, 1])], -1) * 0.7
     actions = (centre + 0.05 * torch.randn(n, 2, generator=g) * (1 + states[:, 2:3].abs())).clamp(-0.99, 0.99)
     return actions, states
+
+
+def tiny_flow_config(config_class, **overrides):
+    """A TrainConfig of a flow-based script (cnf.py and its ablations) with tiny networks and budgets."""
+    fields = dict(device="cpu", flow_layers=2, flow_hidden=32, flow_batch_size=256, flow_lr=3e-3,
+                  flow_steps=200, flow_eval_every=50, hidden_dim=32, n_layers=3, batch_size=64)
+    fields.update(overrides)
+    return config_class(**fields)

@@ -10,7 +10,8 @@ import torch
 
 import cnf
 import conftest
-from conftest import ROOT, interrupted_then_resumed, run_algorithm, toy_conditional_data, write_tiny_hdf5
+from conftest import (ROOT, interrupted_then_resumed, run_algorithm, tiny_flow_config, toy_conditional_data,
+                      write_tiny_hdf5)
 
 
 def random_flow(action_dim, **kwargs):
@@ -96,10 +97,7 @@ def test_frozen_flow_gets_no_gradient_and_matches_unfrozen_decode():
 
 
 def tiny_config(**overrides):
-    fields = dict(device="cpu", flow_layers=2, flow_hidden=32, flow_batch_size=256, flow_lr=3e-3,
-                  flow_steps=200, flow_eval_every=50, hidden_dim=32, n_layers=3, batch_size=64)
-    fields.update(overrides)
-    return cnf.TrainConfig(**fields)
+    return tiny_flow_config(cnf.TrainConfig, **overrides)
 
 
 def test_pretraining_decreases_validation_nll():

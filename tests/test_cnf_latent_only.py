@@ -9,7 +9,7 @@ import torch
 
 import cnf_latent_only as lo
 import conftest
-from conftest import ROOT, interrupted_then_resumed, run_algorithm
+from conftest import ROOT, interrupted_then_resumed, run_algorithm, tiny_flow_config
 
 
 def random_flow(action_dim, **kwargs):
@@ -17,10 +17,7 @@ def random_flow(action_dim, **kwargs):
 
 
 def tiny_config(**overrides):
-    fields = dict(device="cpu", flow_layers=2, flow_hidden=32, flow_batch_size=256, flow_lr=3e-3,
-                  flow_steps=200, flow_eval_every=50, hidden_dim=32, n_layers=3, batch_size=64)
-    fields.update(overrides)
-    return lo.TrainConfig(**fields)
+    return tiny_flow_config(lo.TrainConfig, **overrides)
 
 
 # ---- encoding the dataset --------------------------------------------------------------------------

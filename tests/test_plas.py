@@ -10,15 +10,6 @@ import plas
 from conftest import ROOT, run_algorithm, toy_conditional_data
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks: one thread is faster, and spares the cores others share."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(**overrides):
     fields = dict(device="cpu", vae_hidden=32, vae_steps=40, vae_batch_size=64, vae_save_every=10, log_every=10,
                   batch_size=32)
