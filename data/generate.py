@@ -34,6 +34,7 @@ import torch.nn as nn
 GENERATOR_VERSION = "1"
 POLICY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "policies")
 LEVELS = ("random", "medium", "medium-replay", "expert", "medium-expert")
+MAX_EPISODE_STEPS = 1000  # Gymnasium's time limit for HalfCheetah, Hopper and Walker2d v5
 # D4RL's reference returns (min = random policy, max = expert), used for normalised scores.
 REFERENCE_SCORES = {
     "HalfCheetah-v5": (-280.178953, 12135.0),
@@ -221,10 +222,14 @@ def main() -> None:
 
     with h5py.File(out, "r") as f:
         n, rewards = len(f["rewards"]), f["rewards"][:]
-        ends = np.flatnonzero(f["terminals"][:] | f["timeouts"][:])
-    returns = np.add.reduceat(rewards, np.concatenate([[0], ends[:-1] + 1]))
-    print(f"wrote {out}: {n} transitions in {time.time() - start:.1f} s, {len(returns)} episodes, "
-          f"return {returns.mean():.1f} +- {returns.std():.1f}, "
+        terminals = f["terminals"][:]
+        ends = np.flatnonzero(terminals | f["timeouts"][:])
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    # Whole episodes only: each environment's last episode is cut by --num_steps, not by the time limit.
+    whole = terminals[ends] | (ends - starts + 1 == MAX_EPISODE_STEPS)
+    returns = np.add.reduceat(rewards, starts)[whole]
+    print(f"wrote {out}: {n} transitions in {time.time() - start:.1f} s, {len(returns)} whole episodes "
+          f"(of {len(ends)}), return {returns.mean():.1f} +- {returns.std():.1f}, "
           f"normalised {normalized_score(args.env, returns.mean()):.1f}", file=sys.stderr)
 
 

@@ -18,6 +18,10 @@ candidate. After every evaluation it (re)writes, into `--out`:
   normalised score;
 - `<env>-training.json`: every evaluation (step, mean, std), and which candidates were kept.
 
+The shipped policies' returns in data/README.md were measured with the same evaluation, 10 episodes:
+
+    python data/train_behavior.py --env Hopper-v5 --evaluate data/policies/hopper-medium.pt --eval_episodes 10
+
 Policies are exported as plain torch state_dicts of `data.generate.BehaviorPolicy` (small .pt
 files, loadable with `torch.load(..., weights_only=True)` and no stable-baselines3).
 stable-baselines3 is needed by this script only; install it with `pip install stable-baselines3`.
@@ -85,13 +89,23 @@ def main() -> None:
     parser.add_argument("--eval_episodes", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "policies"))
+    parser.add_argument("--evaluate", metavar="POLICY_PT", default=None,
+                        help="only evaluate this exported policy: --eval_episodes episodes from --seed, "
+                             "stochastic actions (no stable-baselines3 needed)")
     args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.evaluate is not None:
+        if not os.path.exists(args.evaluate):
+            raise SystemExit(f"error: no policy file {args.evaluate}; see data/policies/ for the shipped ones")
+        returns = evaluate(args.env, torch.load(args.evaluate, weights_only=True), args.eval_episodes, args.seed)
+        print(f"{args.evaluate} on {args.env}: return {returns.mean():.1f} +- {returns.std():.1f} over "
+              f"{len(returns)} episodes, normalised {normalized_score(args.env, returns.mean()):.1f}")
+        return
 
     import gymnasium as gym
     from stable_baselines3 import SAC
     from stable_baselines3.common.callbacks import BaseCallback
 
-    torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
     name = args.env.split("-")[0].lower()
     evaluations, candidates = [], {}
