@@ -66,7 +66,11 @@ def evaluate(env_id: str, state_dict: dict, episodes: int, seed: int) -> np.ndar
     import gymnasium as gym
 
     envs = gym.vector.SyncVectorEnv([lambda: gym.make(env_id) for _ in range(episodes)])
-    policy = BehaviorPolicy(envs.single_observation_space.shape[0], envs.single_action_space.shape[0])
+    obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
+    if state_dict["trunk.0.weight"].shape[1] != obs_dim or state_dict["mean.weight"].shape[0] != act_dim:
+        raise SystemExit(f"error: the policy's shapes do not fit {env_id} (observation {obs_dim}, action "
+                         f"{act_dim}); pass the --env it was trained on")
+    policy = BehaviorPolicy(obs_dim, act_dim)
     policy.load_state_dict(state_dict)
     generator = torch.Generator().manual_seed(seed)
     obs, _ = envs.reset(seed=seed)

@@ -102,7 +102,7 @@ def test_shipped_medium_policy_scores_like_d4rl_medium(env_id):
     assert abs(returns.mean() - kept) <= 0.15 * abs(kept), (env_id, returns.mean(), kept)
 
 
-def test_train_behavior_evaluate_cli_prints_returns_and_refuses_missing_files(tmp_path):
+def test_train_behavior_evaluate_cli_prints_returns_and_refuses_bad_policies(tmp_path):
     """`train_behavior.py --evaluate` (the command behind data/README.md's returns) needs no SB3."""
     torch.manual_seed(0)
     policy = tmp_path / "p.pt"
@@ -116,3 +116,7 @@ def test_train_behavior_evaluate_cli_prints_returns_and_refuses_missing_files(tm
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and missing.stderr.strip().splitlines() == [
         f"error: no policy file {tmp_path / 'no.pt'}; see data/policies/ for the shipped ones"]
+    wrong_env = subprocess.run([sys.executable, script, "--env", "HalfCheetah-v5", "--evaluate", str(policy)],
+                               capture_output=True, text=True, timeout=300)
+    assert wrong_env.returncode != 0 and wrong_env.stderr.strip().splitlines()[-1].startswith(
+        "error: the policy's shapes do not fit HalfCheetah-v5")
