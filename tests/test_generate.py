@@ -120,3 +120,13 @@ def test_train_behavior_evaluate_cli_prints_returns_and_refuses_bad_policies(tmp
                                capture_output=True, text=True, timeout=300)
     assert wrong_env.returncode != 0 and wrong_env.stderr.strip().splitlines()[-1].startswith(
         "error: the policy's shapes do not fit HalfCheetah-v5")
+
+
+def test_medium_choice_trusts_the_confirmed_score_over_a_lucky_short_evaluation():
+    from data.train_behavior import closest_to
+
+    lucky = {"step": 170_000, "normalized": 61.6, "confirmed_normalized": 41.0}  # 5 episodes hit, 20 did not
+    steady = {"step": 200_000, "normalized": 66.8, "confirmed_normalized": 65.0}
+    unconfirmed = {"step": 100_000, "normalized": 50.0}
+    assert closest_to([lucky, steady, unconfirmed], target=62.1) is steady
+    assert closest_to([lucky, unconfirmed], target=62.1) is unconfirmed
