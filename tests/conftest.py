@@ -106,3 +106,43 @@ def tiny_flow_config(config_class, **overrides):
                   flow_steps=200, flow_eval_every=50, hidden_dim=32, n_layers=3, batch_size=64)
     fields.update(overrides)
     return config_class(**fields)
+
+
+# Flags for a seconds-long end-to-end run of a flow-based script (cnf.py and its flow ablations).
+TINY_FLOW_RUN_FLAGS = ["--train_steps", "40", "--eval_every", "20", "--eval_episodes", "2", "--batch_size", "32",
+                       "--flow_steps", "20", "--flow_eval_every", "10", "--flow_layers", "2", "--flow_hidden", "32",
+                       "--hidden_dim", "32", "--n_layers", "3"]
+
+
+def script_critic(agent, score):
+    """Make the agent's twin critic a fixed function: both heads return `score(action) -> [N, 1]`,
+    and critic updates change nothing (frozen parameters, optimiser step a no-op)."""
+    for p in agent.critic.parameters():
+        p.requires_grad_(False)
+    agent.critic_optimizer.step = lambda: None
+    agent.critic.forward = lambda s, a: score(a).expand(2, -1, -1).clone().requires_grad_()
+
+
+def assert_frozen_decode_matches_unfrozen(flow, latents, states):
+    """freeze()'s fast decoder gives the unfrozen decode, passes gradients to latents and none to the flow."""
+    before = flow.decode(latents, states).detach()
+    flow.freeze()
+    latents.requires_grad_(True)
+    actions = flow.decode(latents, states)
+    actions.sum().backward()
+    assert torch.allclose(actions, before, atol=1e-5)
+    assert latents.grad is not None and all(p.grad is None and not p.requires_grad for p in flow.parameters())
+
+
+def assert_pretraining_decreases_validation_nll(flow, trainer_class, config):
+    """300 phase-1 steps on toy conditional data lower the held-out NLL by more than one nat."""
+    torch.manual_seed(0)
+    actions, states = toy_conditional_data(4000)
+    flow.encode(actions[:256], states[:256], initialize=True)
+    trainer = trainer_class(flow, config)
+    before = trainer.validation_nll(actions[3000:], states[3000:])
+    for _ in range(300):
+        idx = torch.randint(0, 3000, (256,))
+        trainer.train(actions[idx], states[idx])
+    after = trainer.validation_nll(actions[3000:], states[3000:])
+    assert after < before - 1.0, (before, after)

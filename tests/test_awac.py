@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import awac
-from conftest import ROOT, interrupted_then_resumed, run_algorithm
+from conftest import ROOT, interrupted_then_resumed, run_algorithm, script_critic
 
 
 def tiny_config(**overrides):
@@ -89,9 +89,8 @@ def test_policy_moves_toward_high_advantage_actions():
     would end halfway between them (about 0.75 of the initial error); exp(A / lambda) must pick the good one."""
     torch.manual_seed(0)
     agent = awac.AWAC(4, 2, tiny_config(actor_lr=3e-3, awac_lambda=1.0 / 3.0))
-    agent.critic_optimizer.step = lambda: None  # keep the scripted critic fixed
     target, decoy = torch.tensor([0.6, -0.4]), torch.tensor([-0.6, 0.4])
-    agent.critic.forward = lambda s, a: -((a - target) ** 2).sum(-1, keepdim=True).expand(2, -1, -1).clone().requires_grad_()
+    script_critic(agent, lambda a: -((a - target) ** 2).sum(-1, keepdim=True))
     states = torch.randn(64, 4).repeat(2, 1)
     actions = torch.cat([target.expand(64, 2), decoy.expand(64, 2)])
     batch = (states, actions, torch.zeros(128, 1), states, torch.ones(128, 1))

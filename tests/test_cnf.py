@@ -10,8 +10,9 @@ import torch
 
 import cnf
 import conftest
-from conftest import (ROOT, interrupted_then_resumed, run_algorithm, tiny_flow_config, toy_conditional_data,
-                      write_tiny_hdf5)
+from conftest import (ROOT, TINY_FLOW_RUN_FLAGS, assert_frozen_decode_matches_unfrozen,
+                      assert_pretraining_decreases_validation_nll, interrupted_then_resumed, run_algorithm,
+                      script_critic, tiny_flow_config, toy_conditional_data, write_tiny_hdf5)
 
 
 def random_flow(action_dim, **kwargs):
@@ -85,15 +86,8 @@ def test_actnorm_initialisation_standardises_its_input():
 
 
 def test_frozen_flow_gets_no_gradient_and_matches_unfrozen_decode():
-    flow = random_flow(3, dtype=torch.float32)
     latents, states = torch.rand(64, 3) * 2 - 1, torch.randn(64, 4)
-    before = flow.decode(latents, states).detach()
-    flow.freeze()
-    latents.requires_grad_(True)
-    actions = flow.decode(latents, states)
-    actions.sum().backward()
-    assert torch.allclose(actions, before, atol=1e-5)
-    assert latents.grad is not None and all(p.grad is None and not p.requires_grad for p in flow.parameters())
+    assert_frozen_decode_matches_unfrozen(random_flow(3, dtype=torch.float32), latents, states)
 
 
 def tiny_config(**overrides):
@@ -102,16 +96,7 @@ def tiny_config(**overrides):
 
 def test_pretraining_decreases_validation_nll():
     torch.manual_seed(0)
-    actions, states = toy_conditional_data(4000)
-    flow = cnf.ConditionalFlow(2, 3, 2, 32)
-    flow.encode(actions[:256], states[:256], initialize=True)
-    trainer = cnf.FlowPretrainer(flow, tiny_config())
-    before = trainer.validation_nll(actions[3000:], states[3000:])
-    for _ in range(300):
-        idx = torch.randint(0, 3000, (256,))
-        trainer.train(actions[idx], states[idx])
-    after = trainer.validation_nll(actions[3000:], states[3000:])
-    assert after < before - 1.0, (before, after)
+    assert_pretraining_decreases_validation_nll(cnf.ConditionalFlow(2, 3, 2, 32), cnf.FlowPretrainer, tiny_config())
 
 
 class _Logger:
@@ -161,11 +146,8 @@ def test_policy_moves_toward_high_advantage_actions():
     torch.manual_seed(0)
     flow = random_flow(2, dtype=torch.float32)
     agent = cnf.CNF(flow, 4, 2, tiny_config(actor_lr=3e-3))
-    for p in agent.critic.parameters():
-        p.requires_grad_(False)
-    agent.critic_optimizer.step = lambda: None  # keep the scripted critic fixed
     target = torch.tensor([0.6, -0.4])
-    agent.critic.forward = lambda s, a: -((a - target) ** 2).sum(-1, keepdim=True).expand(2, -1, -1).clone().requires_grad_()
+    script_critic(agent, lambda a: -((a - target) ** 2).sum(-1, keepdim=True))
     states = torch.randn(128, 4)
     actions = torch.cat([target.expand(64, 2), torch.rand(64, 2) * 1.8 - 0.9])
     batch = (states, actions, torch.zeros(128, 1), states, torch.ones(128, 1))
@@ -191,9 +173,7 @@ def run_script(*args, timeout=600):
     return run_algorithm("cnf", *args, timeout=timeout)
 
 
-TINY_FLAGS = ["--train_steps", "40", "--eval_every", "20", "--eval_episodes", "2", "--batch_size", "32",
-              "--flow_steps", "20", "--flow_eval_every", "10", "--flow_layers", "2", "--flow_hidden", "32",
-              "--hidden_dim", "32", "--n_layers", "3"]
+TINY_FLAGS = TINY_FLOW_RUN_FLAGS
 
 
 def test_end_to_end_run_writes_what_it_promises(tmp_path, tiny_hdf5):

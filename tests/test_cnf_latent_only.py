@@ -9,7 +9,8 @@ import torch
 
 import cnf_latent_only as lo
 import conftest
-from conftest import ROOT, interrupted_then_resumed, run_algorithm, tiny_flow_config
+from conftest import (ROOT, TINY_FLOW_RUN_FLAGS, interrupted_then_resumed, run_algorithm, script_critic,
+                      tiny_flow_config)
 
 
 def random_flow(action_dim, **kwargs):
@@ -146,11 +147,8 @@ def test_policy_moves_toward_high_advantage_latents():
     """With a critic that prefers one data latent, the policy's mean latent approaches it."""
     torch.manual_seed(0)
     agent = lo.LatentOnlyCNF(random_flow(2, dtype=torch.float32), 4, 2, tiny_config(actor_lr=3e-3))
-    for p in agent.critic.parameters():
-        p.requires_grad_(False)
-    agent.critic_optimizer.step = lambda: None  # keep the scripted critic fixed
     target = torch.tensor([0.6, -0.4])
-    agent.critic.forward = lambda s, z: -((z - target) ** 2).sum(-1, keepdim=True).expand(2, -1, -1).clone().requires_grad_()
+    script_critic(agent, lambda z: -((z - target) ** 2).sum(-1, keepdim=True))
     states = torch.randn(128, 4)
     latents = torch.cat([target.expand(64, 2), torch.rand(64, 2) * 1.8 - 0.9])
     batch = (states, latents, torch.zeros(128, 1), states, torch.ones(128, 1))
@@ -166,9 +164,7 @@ def run_script(*args, timeout=600):
     return run_algorithm("cnf_latent_only", *args, timeout=timeout)
 
 
-TINY_FLAGS = ["--train_steps", "40", "--eval_every", "20", "--eval_episodes", "2", "--batch_size", "32",
-              "--flow_steps", "20", "--flow_eval_every", "10", "--flow_layers", "2", "--flow_hidden", "32",
-              "--hidden_dim", "32", "--n_layers", "3"]
+TINY_FLAGS = TINY_FLOW_RUN_FLAGS
 
 
 def test_end_to_end_run_writes_what_it_promises(tmp_path, tiny_hdf5):

@@ -10,7 +10,9 @@ import torch
 import cnf
 import cnf_normal_ablation as nab
 import conftest
-from conftest import ROOT, interrupted_then_resumed, run_algorithm, tiny_flow_config, toy_conditional_data
+from conftest import (ROOT, TINY_FLOW_RUN_FLAGS, assert_frozen_decode_matches_unfrozen,
+                      assert_pretraining_decreases_validation_nll, interrupted_then_resumed, run_algorithm,
+                      script_critic, tiny_flow_config)
 
 
 def random_flow(action_dim, **kwargs):
@@ -83,15 +85,8 @@ def test_far_latents_decode_to_the_edge_of_the_action_box():
 
 
 def test_frozen_flow_gets_no_gradient_and_matches_unfrozen_decode():
-    flow = random_flow(3, dtype=torch.float32)
     latents, states = torch.randn(64, 3) * 3, torch.randn(64, 4)
-    before = flow.decode(latents, states).detach()
-    flow.freeze()
-    latents.requires_grad_(True)
-    actions = flow.decode(latents, states)
-    actions.sum().backward()
-    assert torch.allclose(actions, before, atol=1e-5)
-    assert latents.grad is not None and all(p.grad is None and not p.requires_grad for p in flow.parameters())
+    assert_frozen_decode_matches_unfrozen(random_flow(3, dtype=torch.float32), latents, states)
 
 
 def tiny_config(**overrides):
@@ -100,16 +95,7 @@ def tiny_config(**overrides):
 
 def test_pretraining_decreases_validation_nll():
     torch.manual_seed(0)
-    actions, states = toy_conditional_data(4000)
-    flow = nab.NormalConditionalFlow(2, 3, 2, 32)
-    flow.encode(actions[:256], states[:256], initialize=True)
-    trainer = nab.FlowPretrainer(flow, tiny_config())
-    before = trainer.validation_nll(actions[3000:], states[3000:])
-    for _ in range(300):
-        idx = torch.randint(0, 3000, (256,))
-        trainer.train(actions[idx], states[idx])
-    after = trainer.validation_nll(actions[3000:], states[3000:])
-    assert after < before - 1.0, (before, after)
+    assert_pretraining_decreases_validation_nll(nab.NormalConditionalFlow(2, 3, 2, 32), nab.FlowPretrainer, tiny_config())
 
 
 # ---- the latent policy: unbounded (Fig. 5) or a * tanh (Fig. 6) -------------------------------------
@@ -182,11 +168,8 @@ def test_policy_moves_toward_high_advantage_actions():
     torch.manual_seed(0)
     flow = random_flow(2, dtype=torch.float32)
     agent = nab.NormalLatentCNF(flow, 4, 2, tiny_config(actor_lr=3e-3, latent_clip=2.0))
-    for p in agent.critic.parameters():
-        p.requires_grad_(False)
-    agent.critic_optimizer.step = lambda: None  # keep the scripted critic fixed
     target = torch.tensor([0.6, -0.4])
-    agent.critic.forward = lambda s, a: -((a - target) ** 2).sum(-1, keepdim=True).expand(2, -1, -1).clone().requires_grad_()
+    script_critic(agent, lambda a: -((a - target) ** 2).sum(-1, keepdim=True))
     states = torch.randn(128, 4)
     actions = torch.cat([target.expand(64, 2), torch.rand(64, 2) * 1.8 - 0.9])
     batch = (states, actions, torch.zeros(128, 1), states, torch.ones(128, 1))
@@ -202,9 +185,7 @@ def run_script(*args, timeout=600):
     return run_algorithm("cnf_normal_ablation", *args, timeout=timeout)
 
 
-TINY_FLAGS = ["--train_steps", "40", "--eval_every", "20", "--eval_episodes", "2", "--batch_size", "32",
-              "--flow_steps", "20", "--flow_eval_every", "10", "--flow_layers", "2", "--flow_hidden", "32",
-              "--hidden_dim", "32", "--n_layers", "3"]
+TINY_FLAGS = TINY_FLOW_RUN_FLAGS
 
 
 def one_error_line(proc):

@@ -8,7 +8,7 @@ import torch
 
 import cnf_vae
 import plas
-from conftest import ROOT, interrupted_then_resumed, run_algorithm
+from conftest import ROOT, interrupted_then_resumed, run_algorithm, script_critic
 
 
 def tiny_config(**overrides):
@@ -84,11 +84,10 @@ def test_policy_moves_toward_high_advantage_actions():
     torch.manual_seed(0)
     vae = cnf_vae.ConditionalVAE(2, 4, 32)
     agent = cnf_vae.CNFVAE(vae, 4, 2, tiny_config(actor_lr=3e-3))
-    agent.critic_optimizer.step = lambda: None  # keep the scripted critic fixed
     states = torch.randn(128, 4)
     with torch.no_grad():
         target = vae.decode(torch.tensor([1.2, -0.8, 0.4, -1.2]).expand(128, -1), states)
-    agent.critic.forward = lambda s, a: -((a - target.repeat(len(a) // 128, 1)) ** 2).sum(-1, keepdim=True).expand(2, -1, -1).clone().requires_grad_()
+    script_critic(agent, lambda a: -((a - target.repeat(len(a) // 128, 1)) ** 2).sum(-1, keepdim=True))
     actions = torch.cat([target[:64], torch.rand(64, 2) * 1.8 - 0.9])
     batch = (states, actions, torch.zeros(128, 1), states, torch.ones(128, 1))
     before = (agent.act(states) - target).abs().mean()
