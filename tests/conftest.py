@@ -146,3 +146,15 @@ def assert_pretraining_decreases_validation_nll(flow, trainer_class, config):
         trainer.train(actions[idx], states[idx])
     after = trainer.validation_nll(actions[3000:], states[3000:])
     assert after < before - 1.0, (before, after)
+
+
+def density_integral(flow, state, points_per_axis):
+    """Trapezoid integral of the flow's density p(a | state) over the open action box (-1, 1)^n, n = 1 or 2,
+    on a grid of `points_per_axis` points per axis (the two box edges left out)."""
+    axis = torch.linspace(-1, 1, points_per_axis, dtype=torch.float64)[1:-1]
+    grid = torch.cartesian_prod(*[axis] * flow.action_dim).reshape(-1, flow.action_dim)
+    with torch.no_grad():
+        density = flow.log_prob(grid, state.reshape(1, -1).expand(len(grid), -1)).exp()
+    if flow.action_dim == 1:
+        return torch.trapezoid(density, axis).item()
+    return torch.trapezoid(torch.trapezoid(density.reshape(len(axis), len(axis)), axis, dim=1), axis).item()
