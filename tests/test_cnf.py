@@ -11,8 +11,8 @@ import torch
 import cnf
 import conftest
 from conftest import (ROOT, TINY_FLOW_RUN_FLAGS, assert_frozen_decode_matches_unfrozen,
-                      assert_pretraining_decreases_validation_nll, density_integral, interrupted_then_resumed, run_algorithm,
-                      script_critic, tiny_flow_config, toy_conditional_data, write_tiny_hdf5)
+                      assert_pretraining_decreases_validation_nll, density_integral, interrupted_then_resumed,
+                      run_algorithm, script_critic, tiny_flow_config, toy_conditional_data, write_tiny_hdf5)
 
 
 def random_flow(action_dim, **kwargs):
@@ -86,7 +86,8 @@ def tiny_config(**overrides):
 
 def test_pretraining_decreases_validation_nll():
     torch.manual_seed(0)
-    assert_pretraining_decreases_validation_nll(cnf.ConditionalFlow(2, 3, 2, 32), cnf.FlowPretrainer, tiny_config())
+    flow = cnf.ConditionalFlow(2, 3, 2, 32)
+    assert_pretraining_decreases_validation_nll(flow, cnf.FlowPretrainer, tiny_config())
 
 
 class _Logger:

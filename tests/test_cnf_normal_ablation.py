@@ -11,8 +11,8 @@ import cnf
 import cnf_normal_ablation as nab
 import conftest
 from conftest import (ROOT, TINY_FLOW_RUN_FLAGS, assert_frozen_decode_matches_unfrozen,
-                      assert_pretraining_decreases_validation_nll, density_integral, interrupted_then_resumed, run_algorithm,
-                      script_critic, tiny_flow_config)
+                      assert_pretraining_decreases_validation_nll, density_integral, interrupted_then_resumed,
+                      run_algorithm, script_critic, tiny_flow_config)
 
 
 def random_flow(action_dim, **kwargs):
@@ -85,7 +85,8 @@ def tiny_config(**overrides):
 
 def test_pretraining_decreases_validation_nll():
     torch.manual_seed(0)
-    assert_pretraining_decreases_validation_nll(nab.NormalConditionalFlow(2, 3, 2, 32), nab.FlowPretrainer, tiny_config())
+    flow = nab.NormalConditionalFlow(2, 3, 2, 32)
+    assert_pretraining_decreases_validation_nll(flow, nab.FlowPretrainer, tiny_config())
 
 
 # ---- the latent policy: unbounded (Fig. 5) or a * tanh (Fig. 6) -------------------------------------
