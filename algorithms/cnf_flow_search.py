@@ -12,13 +12,19 @@ maze2d), keeps the flow with the best validation log-likelihood, and trains ever
         --flow_checkpoint flows/hopper-medium-replay-v2.pt --seed 0
     python algorithms/cnf_flow_search.py --resume runs/flow_search-...   # continue (or extend with --trials N)
 
-Each trial is one call of cnf.py's own `pretrain_flow` (imported from algorithms/cnf.py by path,
-nothing copied), on one replay buffer built by cnf.py's `load_offline_data`, so a trial is exactly
-cnf.py's phase 1 with that trial's `flow_lr`, `flow_weight_decay` and `flow_batch_size`. cnf.py's
-other flow fields (`--flow_layers`, `--flow_hidden`, `--flow_steps`, `--flow_grad_clip`,
-`--flow_valid_fraction`, `--flow_eval_every`, `--amp`) are fixed for the whole search.
-`--flow_script cnf_normal_ablation` searches the Normal-latent flow of Figs. 5, 6 and 8 instead
-(cnf_latent_only.py takes cnf.py's flows).
+Each trial is one call of cnf.py's own `pretrain_flow(config, buffer, run, checkpoint)`, on one
+replay buffer built by cnf.py's `load_offline_data`, with a `Run` of cnf.py's for the trial's
+directory: a trial is exactly cnf.py's phase 1 with that trial's `flow_lr`, `flow_weight_decay` and
+`flow_batch_size`, and it writes what cnf.py's phase 1 writes (metrics.jsonl, checkpoint.pt,
+status.json, flow.pt). cnf.py's other flow fields (`--flow_layers`, `--flow_hidden`, `--flow_steps`,
+`--flow_grad_clip`, `--flow_valid_fraction`, `--flow_eval_every`, `--amp`) are fixed for the whole
+search. `--flow_script cnf_normal_ablation` searches the Normal-latent flow of Figs. 5, 6 and 8
+instead (cnf_latent_only.py's phase 1 is cnf.py's).
+
+This file is not self-contained: it imports the algorithm files whose phase 1 it runs (`import cnf`,
+...; nothing is copied). Python finds them because it puts a script's own directory, algorithms/,
+first on sys.path (`python algorithms/cnf_flow_search.py`); to import this file as a module, put
+algorithms/ on sys.path first (tests/conftest.py does).
 
 Writes into RUN_DIR (`--checkpoints_path`/`--run_name`, default runs/flow_search-<dataset>-seed<seed>-<time>):
 search.yaml (the resolved settings), trial_NNN/ (the trial's metrics.jsonl with its train and
@@ -42,10 +48,12 @@ sweep) are silent or where we deviate:
 - The paper counts pre-training in steps (100k), the official code in epochs: `--flow_steps` is cnf.py's.
 - Disk: only the best flow so far is kept (a 12 x 256 flow.pt is ~4 MB; 50 trials would keep 175 MB);
   `--keep_trial_flows` keeps every trial's. A trial's checkpoint.pt is deleted when the trial ends.
-- No wandb: each trial's curves are in its metrics.jsonl.
+- No wandb (the trials run with `wandb_mode: disabled`): each trial's curves are in its metrics.jsonl.
+
+Reading order: the search space (`SearchConfig`, `draw_trials`), then `search(config)`, the loop over
+trials; the command line below it.
 """
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -54,12 +62,17 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
-FLOW_SCRIPTS = ("cnf", "cnf_normal_ablation", "cnf_latent_only")
+# The algorithm files whose phase 1 a trial runs (algorithms/ is on sys.path: see the docstring).
+import cnf
+import cnf_latent_only
+import cnf_normal_ablation
+
+FLOW_SCRIPTS = {"cnf": cnf, "cnf_normal_ablation": cnf_normal_ablation, "cnf_latent_only": cnf_latent_only}
 LR_SAMPLINGS = ("log_uniform", "uniform")
 
 
@@ -69,7 +82,7 @@ class SearchConfig:
     env: str = "halfcheetah-medium-gymv5"  # D4RL name (halfcheetah-medium-v2, ...) or bundled dataset name
     dataset_path: Optional[str] = None  # any D4RL-format HDF5 file; overrides --env
     eval_env: Optional[str] = None  # Gymnasium id (only for a --dataset_path file without an `env` attribute)
-    flow_script: str = "cnf"  # whose phase 1: cnf (Uniform latent; also cnf_latent_only's) | cnf_normal_ablation (Normal)
+    flow_script: str = "cnf"  # whose phase 1: cnf (Uniform latent, also cnf_latent_only's) | cnf_normal_ablation
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # torch device
     cpu_threads: Optional[int] = None  # torch CPU threads (default: torch's, one per core)
     seed: int = 0  # draws the trials; also the validation split, the same for every trial
@@ -94,8 +107,8 @@ class SearchConfig:
     # --- run directory ---
     checkpoints_path: str = "runs"  # the search directory is created here
     run_name: Optional[str] = None  # default: flow_search-<dataset>-seed<seed>-<time>
-    resume: Optional[str] = None  # RUN_DIR of a stopped search: continue it with its settings (flags may raise --trials)
-    config_path: Optional[str] = None  # a cnf.py YAML (configs/cnf/<dataset>.yaml): env and flow sizes; other keys ignored
+    resume: Optional[str] = None  # RUN_DIR of a stopped search: continue with its settings (flags may raise --trials)
+    config_path: Optional[str] = None  # a cnf.py YAML (configs/cnf/<dataset>.yaml): env, flow sizes; other keys ignored
 
 
 @dataclass
@@ -124,31 +137,6 @@ def draw_trials(config: SearchConfig, n: int) -> List[Trial]:
     return trials
 
 
-def load_flow_script(name: str):
-    """algorithms/<name>.py imported by path (as `flow_search_<name>`): its data block and phase 1."""
-    module_name = f"flow_search_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, Path(__file__).resolve().parent / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module  # dataclasses look their module up here
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
-
-
-class JsonlLogger:
-    """The `logger.log(metrics, step)` that pretrain_flow calls, into the trial's metrics.jsonl."""
-
-    def __init__(self, path: Path):
-        self.file = open(path, "a")
-
-    def log(self, metrics: Dict[str, float], step: int) -> None:
-        self.file.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
 def parse_search_config(argv: List[str]) -> SearchConfig:
     """tyro flags over --resume's search.yaml or --config_path's YAML (its fields of this class only)."""
     import tyro
@@ -161,7 +149,8 @@ def parse_search_config(argv: List[str]) -> SearchConfig:
             path = Path(argv[argv.index(flag) + 1])
             path = path / "search.yaml" if flag == "--resume" else path
             if not path.is_file():
-                raise SystemExit(f"error: {flag} {path} does not exist" + (" (not a search directory)" if flag == "--resume" else ""))
+                what = " (not a search directory)" if flag == "--resume" else ""
+                raise SystemExit(f"error: {flag} {path} does not exist{what}")
             values = {k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items() if k in names}
             if "batch_sizes" in values:
                 values["batch_sizes"] = tuple(values["batch_sizes"])
@@ -210,12 +199,12 @@ def search(config: SearchConfig) -> Path:
         raise SystemExit("error: --device cuda but CUDA is not available; pass --device cpu")
     if config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
-    script = load_flow_script(config.flow_script)
+    script = FLOW_SCRIPTS[config.flow_script]
     base = script.TrainConfig(env=config.env, dataset_path=config.dataset_path, eval_env=config.eval_env,
                               device=config.device, seed=config.seed, flow_layers=config.flow_layers,
                               flow_hidden=config.flow_hidden, flow_steps=config.flow_steps,
                               flow_grad_clip=config.flow_grad_clip, flow_valid_fraction=config.flow_valid_fraction,
-                              flow_eval_every=config.flow_eval_every, amp=config.amp)
+                              flow_eval_every=config.flow_eval_every, amp=config.amp, wandb_mode="disabled")
     data = script.load_offline_data(base)
     n_trials = config.trials or (20 if script.D4RL_MAZE2D.match(data.name) else 50)
     if config.resume is not None:
@@ -247,11 +236,14 @@ def search(config: SearchConfig) -> Path:
         checkpoint = script.torch_load(checkpoint_path) if checkpoint_path.exists() else None
         trial_config = replace(base, flow_lr=trial.lr, flow_weight_decay=trial.weight_decay,
                                flow_batch_size=trial.batch_size)
-        script.set_seed(trial.seed)
-        logger = JsonlLogger(trial_dir / "metrics.jsonl")
+        logger = script.RunLogger(trial_config, trial_dir, checkpoint)  # metrics.jsonl (wandb disabled)
         started = time.time()
-        script.pretrain_flow(trial_config, buffer, trial_dir, logger, checkpoint)  # writes trial_dir/flow.pt
+        run = script.Run(trial_config, data, trial_dir, checkpoint, logger, started)
+        script.set_seed(trial.seed)
+        script.pretrain_flow(trial_config, buffer, run, checkpoint)  # writes trial_dir/flow.pt
         logger.close()
+        run.phase = "done"
+        run.set_status("finished")
         checkpoint_path.unlink(missing_ok=True)
         nll = float(script.torch_load(trial_dir / "flow.pt")["best_valid_nll"])
         rows.append({"trial": trial.index, "lr": trial.lr, "weight_decay": trial.weight_decay,
@@ -263,8 +255,8 @@ def search(config: SearchConfig) -> Path:
             for row in rows:
                 if row is not best and Path(row["flow"]).exists():
                     Path(row["flow"]).unlink()
-        print(f"trial {trial.index} ({trial.index + 1}/{n_trials}): lr {trial.lr:.3g} weight_decay {trial.weight_decay:.3g} "
-              f"batch {trial.batch_size} -> best valid NLL {nll:.4f}"
+        print(f"trial {trial.index} ({trial.index + 1}/{n_trials}): lr {trial.lr:.3g} "
+              f"weight_decay {trial.weight_decay:.3g} batch {trial.batch_size} -> best valid NLL {nll:.4f}"
               + (f" (best so far: trial {best['trial']})" if best else ""), flush=True)
         write_trials(run_dir, {"dataset": data.name, "flow_script": config.flow_script, "best": best, "trials": rows})
 

@@ -5,14 +5,15 @@ of Normalizing Flows" (arXiv 2211.11096): Fig. 9 (Appendix A.4), where the polic
 never see an action and never back-propagate through the flow; the paper finds it slightly worse
 than CNF (cnf.py), which trains the critics on real actions and the policy through f^-1.
 
-    python algorithms/cnf_latent_only.py --env halfcheetah-medium-v2 --train_steps 200000     # D4RL (Docker image)
-    python algorithms/cnf_latent_only.py --config_path algorithms/configs/cnf_latent_only/quick.yaml   # CPU quick preset
-    python algorithms/cnf_latent_only.py --env halfcheetah-medium-v2 --flow_checkpoint RUN_DIR/flow.pt  # reuse cnf.py's flow
+    python algorithms/cnf_latent_only.py --env halfcheetah-medium-v2 --train_steps 200000   # D4RL (Docker image)
+    python algorithms/cnf_latent_only.py --config_path algorithms/configs/cnf_latent_only/quick.yaml  # CPU preset
+    python algorithms/cnf_latent_only.py --env halfcheetah-medium-v2 --flow_checkpoint RUN_DIR/flow.pt  # cnf.py's flow
 
 Phase 1 is cnf.py's (the same Uniform-latent flow: atanh -> K blocks -> tanh, base Uniform(-1, 1)^n,
 trained by Eq. 5, best validation NLL kept; a flow.pt of either script works with --flow_checkpoint).
 Then the frozen flow encodes every dataset action once, z = f(a | s), in chunks on the training
-device, and the buffer keeps the latents. Phase 2 is cnf.py's Algorithm 2 with z in place of a:
+device, and phase 2 samples latents instead of actions (`LatentReplayBuffer`). Phase 2 is cnf.py's
+Algorithm 2 with z in place of a:
 - critics Q(s, z); target y = r + gamma (1 - d) min_i Q_i'(s', z'), z' ~ pi(. | s')  (Eq. 6);
 - advantage A = Q(s, z_data) - Q(s, z_pi), z_pi ~ pi(. | s), Q = min(Q1, Q2)          (Eq. 7);
 - policy loss mean(w |z_data - z_pi|), w = min(exp(A / lambda), 100), L1 in latent space (Eq. 8).
@@ -29,14 +30,22 @@ Choices where the paper is silent, and deviations:
   gradient flows is the only difference. The Eq. 8 L1 distance is taken between latents.
 - On --resume the latents are encoded again from RUN_DIR/flow.pt (deterministic) instead of being
   stored in the checkpoint.
+
+Data sources (--env, --dataset_path): see the comment above `load_offline_data`, in the plumbing.
+
+Reading order: config, cnf.py's flow (Eq. 5) and latent policy, phase 1, the dataset's latents
+(`encode_dataset`), phase 2 (`LatentOnlyCNF.train`), the loop; then, below one banner, the plumbing
+every file shares.
 """
 
 import copy
 import json
 import math
 import os
+import pickle
 import random
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -51,32 +60,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ALGORITHM = "cnf_latent_only"
-BASE_DISTRIBUTION = "uniform"  # of the flow's latent; written to flow.pt and checked by --flow_checkpoint
+BASE_DISTRIBUTION = "uniform"  # cnf.py's flow: written to flow.pt; --flow_checkpoint takes cnf.py's flow.pt files
 
 
-# ---- [block: config | copied from cnf.py] -----------------------------------------------------------
 @dataclass
 class TrainConfig:
-    # --- experiment ---
-    env: str = "halfcheetah-medium-gymv5"  # D4RL name (halfcheetah-medium-v2, ...) or bundled dataset name
-    dataset_path: Optional[str] = None  # any D4RL-format HDF5 file; overrides --env
-    eval_env: Optional[str] = None  # Gymnasium id to evaluate in (default: from the data source)
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # torch device
-    cpu_threads: Optional[int] = None  # torch CPU threads (default: torch's, one per core)
-    seed: int = 0  # seeds python, numpy, torch and the evaluation envs
-    train_steps: int = 1_000_000  # phase-2 gradient updates (paper: 1M; HalfCheetah 200k)
-    batch_size: int = 512  # phase-2 batch size (paper: {256, 512, 1024}; maze2d 10240)
-    eval_every: int = 5_000  # updates between evaluations
-    eval_episodes: int = 10  # episodes per evaluation, stepped together in a vector env
-    log_every: int = 1_000  # updates between logged losses (the only host syncs of the loop)
-    checkpoints_path: str = "runs"  # run directories are created here
-    run_name: Optional[str] = None  # run directory name (default: <algo>-<env>-seed<seed>-<time>)
-    resume: Optional[str] = None  # RUN_DIR of a stopped run: continue from its last checkpoint
-    config_path: Optional[str] = None  # YAML (pyrallis) with values for any field; flags override it
-    wandb_mode: str = "offline"  # online | offline | disabled
-    wandb_project: str = "cnf"  # wandb project
-    # ---- [end block: config] ---------------------------------------------------------------------------
-    # --- phase 1: flow pre-training (Algorithm 1, Eq. 5) ---
+    # ---- [block: flow config | copied from cnf.py] -------------------------------------------------
+    # --- phase 1: flow pre-training (Algorithm 1, Eq. 5; Table 3) ---
     flow_checkpoint: Optional[str] = None  # a flow.pt from an earlier run: skip phase 1
     flow_layers: int = 12  # K blocks of ActNorm -> invertible linear -> coupling (medium-replay: 4)
     flow_hidden: int = 256  # coupling conditioner width (medium-replay, maze2d: 64)
@@ -87,7 +77,10 @@ class TrainConfig:
     flow_grad_clip: float = 0.1  # gradient-norm clip
     flow_valid_fraction: float = 0.1  # held-out fraction; the best-validation flow is kept
     flow_eval_every: int = 1_000  # steps between validation NLL evaluations
-    # --- phase 2: RL in the latent space (Algorithm 2, Eqs. 6-8) ---
+    flow_patience: int = 0  # stop phase 1 after this many evaluations without a better validation NLL (0: off)
+    # ---- [end block: flow config] ------------------------------------------------------------------
+    # ---- [block: rl config | copied from cnf.py] ---------------------------------------------------
+    # --- phase 2: RL in the latent space (Algorithm 2, Eqs. 6-8; Table 2) ---
     hidden_dim: int = 256  # actor and critic width
     n_layers: int = 4  # linear layers in actor and critics (paper: {3, 4})
     actor_lr: float = 3e-4  # policy learning rate
@@ -96,356 +89,34 @@ class TrainConfig:
     tau: float = 2e-3  # Polyak rate of the target critics
     awac_lambda: float = 1.0 / 3.0  # temperature lambda of exp(A / lambda) (maze2d: 1/10)
     exp_adv_max: float = 100.0  # clamp of the advantage weights (official code)
-    amp: bool = False  # bfloat16 matmuls in actor, critics and flow conditioners (CPU AMX / GPU tensor cores)
+    # ---- [end block: rl config] --------------------------------------------------------------------
+    train_steps: int = 1_000_000  # phase-2 gradient updates (paper: 1M; HalfCheetah 200k)
+    batch_size: int = 512  # phase-2 batch size (paper: {256, 512, 1024}; maze2d 10240)
+    eval_every: int = 5_000  # updates between evaluations
+    # ---- [block: experiment config | copied from cnf.py] -------------------------------------------
+    env: str = "halfcheetah-medium-gymv5"  # D4RL name (halfcheetah-medium-v2, ...) or bundled dataset name
+    dataset_path: Optional[str] = None  # any D4RL-format HDF5 file; overrides --env
+    eval_env: Optional[str] = None  # Gymnasium id to evaluate in (default: from the data source)
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # torch device
+    cpu_threads: Optional[int] = None  # torch CPU threads (default: torch's, one per core)
+    seed: int = 0  # seeds python, numpy, torch and the evaluation envs
+    eval_episodes: int = 10  # episodes per evaluation, stepped together in a vector env
+    log_every: int = 1_000  # updates between logged losses (the only host syncs of the loop)
+    checkpoint_every: Optional[int] = None  # updates between checkpoints (default: at every evaluation)
+    amp: bool = False  # bfloat16 matmuls in hidden layers (CPU AMX / GPU tensor cores); outputs stay float32
+    compile: bool = False  # torch.compile the update (on CUDA also captured as CUDA graphs); same maths
+    checkpoints_path: str = "runs"  # run directories are created here
+    run_name: Optional[str] = None  # run directory name (default: <algo>-<env>-seed<seed>-<time>)
+    resume: Optional[str] = None  # RUN_DIR of a stopped run: continue from its last checkpoint
+    config_path: Optional[str] = None  # YAML (pyrallis) with values for any field; flags override it
+    wandb_mode: str = "offline"  # online | offline | disabled
+    wandb_project: str = "cnf"  # wandb project
+    # ---- [end block: experiment config] ------------------------------------------------------------
 
 
-# ---- [block: data | copied from cnf.py] -------------------------------------------------------------
-D4RL_LOCOMOTION = re.compile(r"^(halfcheetah|hopper|walker2d)-(random|medium|medium-replay|medium-expert|expert|full-replay)-v2$")
-D4RL_MAZE2D = re.compile(r"^maze2d-(umaze|medium|large)-v1$")
-BUNDLED = re.compile(r"^(halfcheetah|hopper|walker2d)-(random|medium|medium-replay|expert|medium-expert)-gymv5$")
-D4RL_REF_SCORES = {  # D4RL's (random, expert) returns: normalised score = 100 (R - min) / (max - min)
-    "halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3),
-    "maze2d-umaze": (23.85, 161.86), "maze2d-medium": (13.13, 277.39), "maze2d-large": (6.7, 273.99),
-}
-GYMNASIUM_IDS = {"halfcheetah": "HalfCheetah", "hopper": "Hopper", "walker2d": "Walker2d"}
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-@dataclass
-class OfflineData:
-    """Transitions after D4RL's q-learning conversion, plus how to evaluate and score on them."""
-
-    name: str
-    observations: np.ndarray  # [N, obs_dim] float32
-    actions: np.ndarray  # [N, act_dim] float32, inside [-1, 1]
-    rewards: np.ndarray  # [N] float32
-    next_observations: np.ndarray  # [N, obs_dim] float32
-    dones: np.ndarray  # [N] float32, 1 where the episode terminated (not timed out)
-    make_eval_env: Callable[[int], object]  # num_envs -> vector env
-    normalize_score: Callable[[np.ndarray], np.ndarray]  # episode returns -> 100 x normalised
-
-
-def qlearning_dataset(raw: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """D4RL's `qlearning_dataset`: next observation = the next row; rows whose `timeouts` is set
-    (the last step of an episode cut by the time limit) are dropped, terminal rows are kept with
-    done = 1, and the file's last row is dropped (it has no next row)."""
-    n = len(raw["rewards"])
-    keep = np.flatnonzero(~raw["timeouts"][: n - 1].astype(bool))
-    return {
-        "observations": raw["observations"][keep],
-        "actions": raw["actions"][keep],
-        "rewards": raw["rewards"][keep],
-        "next_observations": raw["observations"][keep + 1],
-        "dones": raw["terminals"][keep].astype(np.float32),
-    }
-
-
-def read_hdf5(path: str) -> Dict[str, np.ndarray]:
-    import h5py
-
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: dataset file {path} does not exist; check the path "
-                         f"(D4RL files: python data/download_d4rl.py NAME)")
-    try:
-        with h5py.File(path, "r") as f:
-            missing = [k for k in ("observations", "actions", "rewards", "terminals", "timeouts") if k not in f]
-            if missing:
-                raise SystemExit(f"error: {path} lacks the D4RL keys {missing}; see data/README.md for the format")
-            raw = {k: f[k][:] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
-            raw["attrs"] = dict(f.attrs)
-    except OSError as e:
-        raise SystemExit(f"error: {path} is not a readable HDF5 file ({e}); download or generate it again") from None
-    return raw
-
-
-def check_dataset(raw: Dict[str, np.ndarray], source: str) -> Dict[str, np.ndarray]:
-    """Shapes, NaNs and the action box, each with a message that says what to do."""
-    obs, act = np.asarray(raw["observations"]), np.asarray(raw["actions"])
-    n = len(obs)
-    if obs.ndim != 2 or act.ndim != 2 or n == 0:
-        raise SystemExit(f"error: {source}: observations and actions must be 2-D [N, dim] arrays, "
-                         f"got {obs.shape} and {act.shape}")
-    for key in ("actions", "rewards", "terminals", "timeouts"):
-        if len(raw[key]) != n:
-            raise SystemExit(f"error: {source}: '{key}' has {len(raw[key])} rows but observations have {n}")
-    for key in ("observations", "actions", "rewards"):
-        bad = ~np.isfinite(np.asarray(raw[key]).reshape(n, -1)).all(axis=1)
-        if bad.any():
-            raise SystemExit(f"error: {source}: {bad.sum()} rows of '{key}' hold NaN or inf "
-                             f"(first: row {np.flatnonzero(bad)[0]}); remove or repair them")
-    worst = np.abs(act).max()
-    if worst > 1.0 + 1e-4:
-        row = np.flatnonzero(np.abs(act).max(axis=1) > 1.0 + 1e-4)[0]
-        raise SystemExit(f"error: {source}: actions must lie in [-1, 1] (max |a| = {worst:.4g}, row {row}); "
-                         f"rescale them to the env's action box first")
-    raw["observations"] = obs.astype(np.float32)
-    raw["actions"] = np.clip(act, -1.0, 1.0).astype(np.float32)
-    raw["rewards"] = np.asarray(raw["rewards"], dtype=np.float32)
-    return raw
-
-
-def d4rl_filename(name: str) -> str:
-    """The file name d4rl caches a dataset under (the basename of its URL)."""
-    if D4RL_MAZE2D.match(name):
-        return name.replace("-v1", "-sparse-v1") + ".hdf5"
-    env, level = name[: -len("-v2")].split("-", 1)
-    return f"{env}_{level.replace('-', '_')}-v2.hdf5"
-
-
-def gymnasium_vector_env(env_id: str) -> Callable[[int], object]:
-    def make(num_envs: int):
-        import gymnasium
-
-        return gymnasium.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync")
-
-    return make
-
-
-def reference_normalizer(low: float, high: float) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda returns: 100.0 * (np.asarray(returns) - low) / (high - low)
-
-
-def bundled_dataset_path(name: str) -> str:
-    """Find a bundled dataset in the cache; on first use generate it from the shipped policy."""
-    cache = Path(os.environ.get("CNF_DATA_DIR", Path.home() / ".cache" / "cnf" / "datasets"))
-    path = cache / f"{name}.hdf5"
-    if not path.exists():
-        env, level = BUNDLED.match(name).groups()
-        print(f"generating the bundled dataset {name} into {path} (once; later runs reuse it)", file=sys.stderr)
-        cmd = [sys.executable, str(REPO_ROOT / "data" / "generate.py"), "--env", f"{GYMNASIUM_IDS[env]}-v5",
-               "--level", level, "--num_steps", "1000000", "--seed", "0", "--out", str(path)]
-        if subprocess.run(cmd).returncode != 0:
-            raise SystemExit(f"error: could not generate {name}; run {' '.join(cmd[1:])} to see why")
-    return str(path)
-
-
-def load_offline_data(config: TrainConfig) -> OfflineData:
-    """Resolve --dataset_path / --env to transitions, an evaluation env and a score normaliser."""
-    name = config.env
-    if config.dataset_path is not None:
-        name, raw = Path(config.dataset_path).stem, read_hdf5(config.dataset_path)
-        attrs = raw.pop("attrs")
-        eval_env = config.eval_env or attrs.get("env")
-        if eval_env is None:
-            raise SystemExit(f"error: {config.dataset_path} has no 'env' attribute; pass --eval_env (a Gymnasium id)")
-        d4rl_key = next((k for k in D4RL_REF_SCORES if name.startswith(k)), None)
-        if "ref_min_score" in attrs:
-            low, high = float(attrs["ref_min_score"]), float(attrs["ref_max_score"])
-        elif d4rl_key is not None:
-            low, high = D4RL_REF_SCORES[d4rl_key]
-        else:
-            raise SystemExit(f"error: {config.dataset_path} has no ref_min_score/ref_max_score attributes "
-                             f"to normalise scores with; add them (see data/README.md)")
-        make_env, normalize = gymnasium_vector_env(str(eval_env)), reference_normalizer(low, high)
-    elif D4RL_LOCOMOTION.match(name) or D4RL_MAZE2D.match(name):
-        try:
-            import gym
-            import d4rl  # noqa: F401  (registers the D4RL envs)
-        except ImportError:
-            d4rl = None
-        if d4rl is not None:  # the Docker path: d4rl's own loader, env and score
-            env = gym.make(name)
-            raw = env.get_dataset()
-            make_env = lambda n: gym.vector.SyncVectorEnv([lambda: gym.make(name)] * n)  # noqa: E731
-            normalize = lambda r: 100.0 * np.asarray([d4rl.get_normalized_score(name, x) for x in np.atleast_1d(r)])  # noqa: E731
-        else:
-            if D4RL_MAZE2D.match(name):
-                raise SystemExit(f"error: {name} needs d4rl (maze2d has no Gymnasium equivalent): use the Docker image")
-            path = Path(os.environ.get("D4RL_DATASET_DIR", Path.home() / ".d4rl" / "datasets")) / d4rl_filename(name)
-            if not path.exists():
-                raise SystemExit(f"error: d4rl is not installed and {path} does not exist; "
-                                 f"run: python data/download_d4rl.py {name}")
-            raw = read_hdf5(str(path))
-            raw.pop("attrs")
-            env_key = name.split("-")[0]
-            make_env = gymnasium_vector_env(config.eval_env or f"{GYMNASIUM_IDS[env_key]}-v4")
-            normalize = reference_normalizer(*D4RL_REF_SCORES[env_key])
-    elif BUNDLED.match(name):
-        raw = read_hdf5(bundled_dataset_path(name))
-        attrs = raw.pop("attrs")
-        make_env = gymnasium_vector_env(config.eval_env or str(attrs["env"]))
-        normalize = reference_normalizer(float(attrs["ref_min_score"]), float(attrs["ref_max_score"]))
-    else:
-        raise SystemExit(f"error: unknown --env {name!r}; use a D4RL name (e.g. halfcheetah-medium-v2, "
-                         f"maze2d-umaze-v1), a bundled one (e.g. halfcheetah-medium-gymv5), or --dataset_path FILE")
-    data = qlearning_dataset(check_dataset(raw, config.dataset_path or name))
-    return OfflineData(name=name, make_eval_env=make_env, normalize_score=normalize, **data)
-
-
-def check_eval_env(envs, data: OfflineData) -> None:
-    obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
-    if (obs_dim, act_dim) != (data.observations.shape[1], data.actions.shape[1]):
-        raise SystemExit(f"error: the data has {data.observations.shape[1]}-dim observations and "
-                         f"{data.actions.shape[1]}-dim actions, the evaluation env {obs_dim} and {act_dim}; "
-                         f"pass the matching --eval_env")
-
-
-class ReplayBuffer:
-    """The whole dataset on the training device, states normalised once; sampling never syncs."""
-
-    def __init__(self, data: OfflineData, device: str):
-        self.state_mean = data.observations.mean(0)
-        self.state_std = data.observations.std(0) + 1e-3
-        as_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device)  # noqa: E731
-        self.states = as_tensor((data.observations - self.state_mean) / self.state_std)
-        self.next_states = as_tensor((data.next_observations - self.state_mean) / self.state_std)
-        self.actions = as_tensor(data.actions)
-        self.rewards = as_tensor(data.rewards)[:, None]  # [N, 1]
-        self.dones = as_tensor(data.dones)[:, None]  # [N, 1]
-        self.size, self.device = len(self.states), device
-
-    def sample(self, batch_size: int) -> Tuple[torch.Tensor, ...]:
-        idx = torch.randint(0, self.size, (batch_size,), device=self.device)
-        return self.states[idx], self.actions[idx], self.rewards[idx], self.next_states[idx], self.dones[idx]
-# ---- [end block: data] -----------------------------------------------------------------------------
-
-
-# ---- [block: evaluation | copied from cnf.py] -------------------------------------------------------
-@torch.no_grad()
-def evaluate(make_env: Callable[[int], object], act: Callable[[torch.Tensor], torch.Tensor],
-             state_mean: np.ndarray, state_std: np.ndarray, episodes: int, seed: int, device: str) -> np.ndarray:
-    """Return of `episodes` episodes stepped together in one vector env; `act` maps normalised
-    states [episodes, obs_dim] to actions. Works with Gymnasium's and old gym's vector envs."""
-    envs = make_env(episodes)
-    reset = envs.reset(seed=seed)
-    obs = reset[0] if isinstance(reset, tuple) else reset
-    returns, running = np.zeros(episodes), np.ones(episodes, dtype=bool)
-    while running.any():
-        states = torch.as_tensor((obs - state_mean) / state_std, dtype=torch.float32, device=device)
-        out = envs.step(act(states).cpu().numpy())
-        if len(out) == 5:  # Gymnasium: obs, reward, terminated, truncated, info
-            obs, reward, terminated, truncated, _ = out
-            done = terminated | truncated
-        else:  # gym 0.23: obs, reward, done, info
-            obs, reward, done, _ = out
-        returns += reward * running  # an env that finished keeps auto-resetting: ignore it
-        running &= ~np.asarray(done, dtype=bool)
-    envs.close()
-    return returns
-# ---- [end block: evaluation] -----------------------------------------------------------------------
-
-
-# ---- [block: utilities | copied from cnf.py] --------------------------------------------------------
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """Every generator's state, in types that torch.load(weights_only=True) accepts."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temp file, then rename: a crash or kill never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def torch_load(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-class RunLogger:
-    """wandb (offline by default) plus metrics.jsonl in the run directory, so curves never need wandb."""
-
-    def __init__(self, config: TrainConfig, run_dir: Path):
-        import wandb
-
-        self.file = open(run_dir / "metrics.jsonl", "a")
-        self.wandb = wandb.init(project=config.wandb_project, group=f"{ALGORITHM}-{config.env}",
-                                name=run_dir.name, config=asdict(config), dir=str(run_dir),
-                                mode=config.wandb_mode, resume="allow", id=run_dir.name.replace("/", "_"))
-
-    def log(self, metrics: Dict[str, float], step: int) -> None:
-        metrics = {k: float(v) for k, v in metrics.items()}
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.file.flush()
-        self.wandb.log(metrics, step=step)
-
-    def close(self) -> None:
-        self.file.close()
-        self.wandb.finish()
-
-
-def parse_config(config_class, argv: List[str]):
-    """tyro flags over an optional pyrallis YAML (--config_path): flags win over the file."""
-    import pyrallis
-    import tyro
-
-    default = config_class()
-    if "--config_path" in argv:
-        path = argv[argv.index("--config_path") + 1]
-        if not os.path.isfile(path):
-            raise SystemExit(f"error: --config_path {path} does not exist")
-        with open(path) as f:
-            default = pyrallis.load(config_class, f)
-    config = tyro.cli(config_class, args=argv, default=default, use_underscores=True)
-    if config.resume is not None:  # a resumed run keeps its own config (flags may still change it)
-        saved = Path(config.resume) / "config.yaml"
-        if not saved.is_file():
-            raise SystemExit(f"error: --resume {config.resume} is not a run directory (no config.yaml)")
-        with open(saved) as f:
-            default = pyrallis.load(config_class, f)
-        config = tyro.cli(config_class, args=argv, default=default, use_underscores=True)
-    if config.wandb_mode not in ("online", "offline", "disabled"):
-        raise SystemExit(f"error: --wandb_mode must be online, offline or disabled, not {config.wandb_mode!r}")
-    return config
-
-
-def make_run_dir(config: TrainConfig, data_name: str) -> Path:
-    import pyrallis
-
-    if config.resume is not None:
-        run_dir = Path(config.resume)
-    else:
-        name = config.run_name or f"{ALGORITHM}-{data_name}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = Path(config.checkpoints_path) / name
-        run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".config.yaml.tmp"
-    with open(tmp, "w") as f:
-        pyrallis.dump(config, f)
-    os.replace(tmp, run_dir / "config.yaml")
-    return run_dir
-
-
-def write_results(run_dir: Path, results: dict) -> Path:
-    path = run_dir / "results.json"
-    tmp = run_dir / ".results.json.tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
-    return path
-
-
-def summarize(evaluations: List[Tuple[int, float]]) -> dict:
-    scores = [score for _, score in evaluations]
-    return {
-        "final_normalized_score": scores[-1] if scores else None,
-        "best_normalized_score": max(scores) if scores else None,
-        "last10_mean_normalized_score": float(np.mean(scores[-10:])) if scores else None,
-        "evaluations": [{"step": step, "normalized_score": score} for step, score in evaluations],
-    }
-# ---- [end block: utilities] ------------------------------------------------------------------------
-
-
-# ---- [block: networks | copied from cnf.py] ---------------------------------------------------------
+# %% Networks: cnf.py's MLPs, twin critics (here Q(s, z)), flow (Eq. 5) and latent policy
+# ---- [block: networks | copied from cnf.py] --------------------------------------------------------
+# ---- [block: mlp] --------------------------------------------------------------------------------
 def mlp(in_dim: int, out_dim: int, hidden: int, n_layers: int, activation=nn.ReLU) -> nn.Sequential:
     """n_layers linear layers with `activation` between them."""
     dims = [in_dim] + [hidden] * (n_layers - 1) + [out_dim]
@@ -455,8 +126,10 @@ def mlp(in_dim: int, out_dim: int, hidden: int, n_layers: int, activation=nn.ReL
         if i < n_layers - 1:
             layers.append(activation())
     return nn.Sequential(*layers)
+# ---- [end block: mlp] ----------------------------------------------------------------------------
 
 
+# ---- [block: vectorized linear] ------------------------------------------------------------------
 class VectorizedLinear(nn.Module):
     """`ensemble` independent linear layers applied in one batched matmul: [E, B, in] -> [E, B, out]."""
 
@@ -468,14 +141,17 @@ class VectorizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.bias, x, self.weight)
+# ---- [end block: vectorized linear] --------------------------------------------------------------
 
 
 class TwinCritic(nn.Module):
-    """Q1 and Q2 (n_layers x hidden, ReLU) as one vectorised ensemble: Q(s, a) -> [2, B, 1] (float32)."""
+    """Q1 and Q2 (n_layers x hidden, ReLU) as one vectorised ensemble: Q(s, a) -> [2, B, 1] (float32).
+    With `amp` only the hidden layers run in bfloat16: the output layer stays float32, because bf16's
+    grid at Q ~ 400 is 2, which would round the advantages Q(s, a) - Q(s, a') taken from these values."""
 
     def __init__(self, state_dim: int, action_dim: int, hidden: int, n_layers: int, amp: bool = False):
         super().__init__()
-        self.amp = amp  # bfloat16 matmuls
+        self.amp = amp  # bfloat16 matmuls in the hidden layers
         dims = [state_dim + action_dim] + [hidden] * (n_layers - 1) + [1]
         layers: List[nn.Module] = []
         for i in range(n_layers):
@@ -485,13 +161,16 @@ class TwinCritic(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([states, actions], dim=-1)
+        x = torch.cat([states, actions], dim=-1).unsqueeze(0).expand(2, -1, -1)
+        *hidden_layers, output_layer = self.net
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            return self.net(x.unsqueeze(0).expand(2, -1, -1)).float()
+            for layer in hidden_layers:
+                x = layer(x)
+        return output_layer(x.float())
 # ---- [end block: networks] -------------------------------------------------------------------------
 
 
-# ---- [block: flow layers | copied from cnf.py] ------------------------------------------------------
+# ---- [block: flow layers | copied from cnf.py] -----------------------------------------------------
 ACTION_EPS = 1e-5  # actions and latents are clamped to [-1 + eps, 1 - eps] (official code)
 
 
@@ -595,7 +274,7 @@ class FlowBlock(nn.Module):
         self.linear = InvertibleLinear(dim)
         self.coupling = AffineCoupling(dim, cond_dim, hidden, keep_first, amp)
 
-    def encode(self, x: torch.Tensor, cond: torch.Tensor, initialize: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, x: torch.Tensor, cond: torch.Tensor, initialize: bool = False) -> Tuple[torch.Tensor, ...]:
         if initialize:
             self.actnorm.initialize(x)
         x, log_det_actnorm = self.actnorm.encode(x, cond)
@@ -605,15 +284,17 @@ class FlowBlock(nn.Module):
 
     def decode(self, y: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.actnorm.decode(self.linear.decode(self.coupling.decode(y, cond), cond), cond)
-
-
-def tanh_log_derivative(h: torch.Tensor) -> torch.Tensor:
-    """log(1 - tanh(h)^2), computed without cancellation near |h| large."""
-    return 2.0 * (math.log(2.0) - h - F.softplus(-2.0 * h))
 # ---- [end block: flow layers] ----------------------------------------------------------------------
 
 
-# ---- [block: conditional flow | copied from cnf.py] --------------------------------------------------
+# ---- [block: conditional flow | copied from cnf.py] ------------------------------------------------
+# ---- [block: tanh log derivative] ------------------------------------------------------------------
+def tanh_log_derivative(h: torch.Tensor) -> torch.Tensor:
+    """log(1 - tanh(h)^2), computed without cancellation near |h| large."""
+    return 2.0 * (math.log(2.0) - h - F.softplus(-2.0 * h))
+# ---- [end block: tanh log derivative] --------------------------------------------------------------
+
+
 class ConditionalFlow(nn.Module):
     """The CNF flow f(a | s): data -> latent is atanh -> K x FlowBlock -> tanh, base Uniform(-1, 1)^n.
     `encode` is f (with log|det|), `decode` is f^-1 (no log-det needed). States come normalised.
@@ -621,21 +302,25 @@ class ConditionalFlow(nn.Module):
 
     def __init__(self, action_dim: int, state_dim: int, n_blocks: int, hidden: int, amp: bool = False):
         super().__init__()
+        # ---- [block: flow constructor] ---------------------------------------------------------------
         self.action_dim, self.state_dim, self.n_blocks, self.hidden = action_dim, state_dim, n_blocks, hidden
         self.amp = amp
         self.blocks = nn.ModuleList(FlowBlock(action_dim, state_dim, hidden, keep_first=i % 2 == 0, amp=amp)
                                     for i in range(n_blocks))
         self.frozen: Optional[List[dict]] = None  # constants of the phase-2 decoder (see `freeze`)
+        # ---- [end block: flow constructor] -----------------------------------------------------------
 
     def encode(self, actions: torch.Tensor, states: torch.Tensor,
                initialize: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """z = f(a | s) and log|det df/da|; `initialize` runs ActNorm's data-dependent init."""
+        # ---- [block: flow encode] ------------------------------------------------------------------
         a = actions.clamp(-1.0 + ACTION_EPS, 1.0 - ACTION_EPS)
         h = torch.atanh(a)
         log_det = -torch.log1p(-a * a).sum(-1)
         for block in self.blocks:
             h, block_log_det = block.encode(h, states, initialize)
             log_det = log_det + block_log_det
+        # ---- [end block: flow encode] --------------------------------------------------------------
         return torch.tanh(h), log_det + tanh_log_derivative(h).sum(-1)
 
     def log_prob(self, actions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
@@ -646,13 +331,16 @@ class ConditionalFlow(nn.Module):
     def decode(self, latents: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """a = f^-1(z | s) for latents in the box; the result lies inside (-1, 1)^n."""
         h = torch.atanh(latents.clamp(-1.0 + ACTION_EPS, 1.0 - ACTION_EPS))
+        # ---- [block: flow decode] ------------------------------------------------------------------
         if self.frozen is None:
             for block in reversed(self.blocks):
                 h = block.decode(h, states)
         else:
             h = self.decode_frozen(h, states)
         return torch.tanh(h).clamp(-1.0 + ACTION_EPS, 1.0 - ACTION_EPS)
+        # ---- [end block: flow decode] --------------------------------------------------------------
 
+    # ---- [block: frozen decoder] --------------------------------------------------------------------
     @torch.no_grad()
     def freeze(self) -> "ConditionalFlow":
         """For phase 2: no gradients into the flow, and every constant of f^-1 computed once.
@@ -670,8 +358,9 @@ class ConditionalFlow(nn.Module):
                 "affine_bias": -block.actnorm.shift * inverse_scale,
                 # conditioner weights, transposed once for addmm; its state part is in state_weight
                 "kept_weight": low(first.weight[:, : block.coupling.n_keep].T.contiguous()),
-                "prelu_1": low(prelu_1.weight), "weight_2": low(second.weight.T.contiguous()), "bias_2": low(second.bias),
-                "prelu_2": low(prelu_2.weight), "weight_3": low(last.weight.T.contiguous()), "bias_3": low(last.bias),
+                "prelu_1": low(prelu_1.weight), "prelu_2": low(prelu_2.weight),
+                "weight_2": low(second.weight.T.contiguous()), "bias_2": low(second.bias),
+                "weight_3": low(last.weight.T.contiguous()), "bias_3": low(last.bias),
                 "neg_rescale": -block.coupling.rescale,
             })
         # The state's contribution to every block's first conditioner layer, for one matmul per batch.
@@ -687,7 +376,8 @@ class ConditionalFlow(nn.Module):
         for block, const, features in zip(reversed(self.blocks), reversed(self.frozen), reversed(state_features)):
             coupling = block.coupling
             kept, transformed = coupling.split(h)
-            hidden = torch.addmm(features, kept.to(self.matmul_dtype), const["kept_weight"]) if coupling.n_keep else features
+            kept_low = kept.to(self.matmul_dtype)
+            hidden = torch.addmm(features, kept_low, const["kept_weight"]) if coupling.n_keep else features
             hidden = F.prelu(torch.addmm(const["bias_2"], F.prelu(hidden, const["prelu_1"]), const["weight_2"]),
                              const["prelu_2"])
             raw_log_scale, shift = torch.addmm(const["bias_3"], hidden, const["weight_3"]).float().chunk(2, dim=-1)
@@ -701,10 +391,10 @@ class ConditionalFlow(nn.Module):
     def describe(self) -> dict:
         return {"action_dim": self.action_dim, "state_dim": self.state_dim,
                 "n_blocks": self.n_blocks, "hidden": self.hidden}
-# ---- [end block: conditional flow] -------------------------------------------------------------------
+    # ---- [end block: frozen decoder] ----------------------------------------------------------------
+# ---- [end block: conditional flow] -----------------------------------------------------------------
 
-
-# ---- [block: latent policy | copied from cnf.py] -----------------------------------------------------
+# ---- [block: latent policy | copied from cnf.py] ---------------------------------------------------
 class LatentPolicy(nn.Module):
     """pi(z | s) = tanh(N(mu(s), sigma(s))), log sigma clamped to [-20, 2]; acting uses tanh(mu)."""
 
@@ -712,10 +402,12 @@ class LatentPolicy(nn.Module):
         super().__init__()
         self.net, self.amp = mlp(state_dim, 2 * latent_dim, hidden, n_layers), amp
 
+    # ---- [block: latent gaussian] -----------------------------------------------------------------------
     def mean_log_std(self, states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(states.device.type, dtype=torch.bfloat16, enabled=self.amp):
             mean, log_std = self.net(states).float().chunk(2, dim=-1)
         return mean, log_std.clamp(-20.0, 2.0)
+    # ---- [end block: latent gaussian] -------------------------------------------------------------------
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         """A reparameterised sample z (gradients flow to mu and sigma)."""
@@ -724,11 +416,11 @@ class LatentPolicy(nn.Module):
 
     def deterministic(self, states: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.mean_log_std(states)[0])
-# ---- [end block: latent policy] ----------------------------------------------------------------------
+# ---- [end block: latent policy] --------------------------------------------------------------------
 
 
-# ---- Phase 1: flow pre-training (Algorithm 1) -------------------------------------------------------
-# ---- [block: flow pretraining | copied from cnf.py] --------------------------------------------------
+# %% Phase 1: flow pre-training (Algorithm 1), cnf.py's
+# ---- [block: flow pretraining | copied from cnf.py] ------------------------------------------------
 class FlowPretrainer:
     """Maximum likelihood (Eq. 5) with AdamW and gradient-norm clipping; one `train` call = one step."""
 
@@ -758,73 +450,10 @@ class FlowPretrainer:
     def load_state_dict(self, state: dict) -> None:
         self.flow.load_state_dict(state["flow"])
         self.optimizer.load_state_dict(state["optimizer"])
+# ---- [end block: flow pretraining] -----------------------------------------------------------------
 
 
-def load_flow(path: str, buffer: ReplayBuffer, device: str, amp: bool) -> ConditionalFlow:
-    """A flow.pt written by phase 1 (flow weights, sizes, and the state normalisation it saw)."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: --flow_checkpoint {path} does not exist")
-    saved = torch_load(path)
-    if saved.get("base_distribution") != BASE_DISTRIBUTION:
-        raise SystemExit(f"error: --flow_checkpoint {path} has a {saved.get('base_distribution')} latent; "
-                         f"this script needs a {BASE_DISTRIBUTION}-latent flow.pt")
-    flow = ConditionalFlow(**saved["sizes"], amp=amp)
-    if (flow.action_dim, flow.state_dim) != (buffer.actions.shape[1], buffer.states.shape[1]):
-        raise SystemExit(f"error: --flow_checkpoint {path} was trained for {flow.action_dim}-dim actions and "
-                         f"{flow.state_dim}-dim states; this data has {buffer.actions.shape[1]} and {buffer.states.shape[1]}")
-    flow.load_state_dict(saved["flow"])
-    if not np.allclose(saved["state_mean"].numpy(), buffer.state_mean, atol=1e-4):
-        warnings.warn(f"{path} was trained with another state normalisation (another dataset?)")
-    return flow.to(device)
-
-
-def pretrain_flow(config: TrainConfig, buffer: ReplayBuffer, run_dir: Path, logger: RunLogger,
-                  checkpoint: Optional[dict]) -> ConditionalFlow:
-    """Phase 1: returns the best-validation flow; writes it to RUN_DIR/flow.pt."""
-    from tqdm import trange
-
-    device = config.device
-    generator = torch.Generator().manual_seed(config.seed)
-    order = torch.randperm(buffer.size, generator=generator).to(device)
-    n_valid = max(1, int(config.flow_valid_fraction * buffer.size))
-    valid, train = order[:n_valid], order[n_valid:]
-    flow = ConditionalFlow(buffer.actions.shape[1], buffer.states.shape[1], config.flow_layers, config.flow_hidden,
-                           config.amp).to(device)
-    trainer = FlowPretrainer(flow, config)
-    start, best_nll, best_state = 0, float("inf"), None
-    if checkpoint is not None:
-        trainer.load_state_dict(checkpoint["pretrainer"])
-        start, best_nll, best_state = checkpoint["step"], checkpoint["best_valid_nll"], checkpoint["best_flow"]
-        set_rng_state(checkpoint["rng"])  # the resumed run draws the batches the uninterrupted one would
-    else:
-        first = train[torch.randint(0, len(train), (config.flow_batch_size,), device=device)]
-        flow.encode(buffer.actions[first], buffer.states[first], initialize=True)  # ActNorm data init
-    train_nll, since_log = torch.zeros((), device=device), 0  # summed on the device: no sync per step
-    for step in trange(start + 1, config.flow_steps + 1, desc="phase 1: flow", initial=start,
-                       total=config.flow_steps, mininterval=5):
-        idx = train[torch.randint(0, len(train), (config.flow_batch_size,), device=device)]
-        train_nll += trainer.train(buffer.actions[idx], buffer.states[idx])["flow/train_nll"]
-        since_log += 1
-        if step % config.flow_eval_every == 0 or step == config.flow_steps:
-            valid_nll = trainer.validation_nll(buffer.actions[valid], buffer.states[valid])
-            logger.log({"flow/train_nll": train_nll.item() / since_log, "flow/valid_nll": valid_nll}, step=step)
-            train_nll, since_log = train_nll.zero_(), 0
-            if valid_nll < best_nll:
-                best_nll, best_state = valid_nll, copy.deepcopy(flow.state_dict())
-            save_atomic({"phase": "flow", "step": step, "pretrainer": trainer.state_dict(), "best_valid_nll": best_nll,
-                         "best_flow": best_state, "rng": rng_state()}, run_dir / "checkpoint.pt")
-    if best_state is None:  # flow_steps == 0: keep the initialised flow
-        best_state, best_nll = flow.state_dict(), trainer.validation_nll(buffer.actions[valid], buffer.states[valid])
-    flow.load_state_dict(best_state)
-    save_atomic({"flow": best_state, "sizes": flow.describe(), "best_valid_nll": best_nll,
-                 "base_distribution": BASE_DISTRIBUTION,
-                 "state_mean": torch.from_numpy(buffer.state_mean), "state_std": torch.from_numpy(buffer.state_std)},
-                run_dir / "flow.pt")
-    return flow
-# ---- [end block: flow pretraining] -------------------------------------------------------------------
-
-
-# ---- Phase 2: RL purely in the latent space (Appendix A.4) -----------------------------------------
+# %% Phase 2: RL purely in the latent space (Appendix A.4)
 @torch.no_grad()
 def encode_dataset(flow: ConditionalFlow, actions: torch.Tensor, states: torch.Tensor,
                    chunk: int = 16384) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -843,32 +472,40 @@ def encode_dataset(flow: ConditionalFlow, actions: torch.Tensor, states: torch.T
     return latents.clamp(-1.0 + ACTION_EPS, 1.0 - ACTION_EPS), at_edge.float().mean()
 
 
-class LatentReplayBuffer(ReplayBuffer):
-    """cnf.py's buffer plus `latents`, the dataset's actions encoded once by the frozen flow;
-    `sample` returns (s, z, r, s', done) with the same random draws: phase 2 never sees an action."""
+class LatentReplayBuffer:
+    """cnf.py's replay buffer with every action replaced by its latent z = f(a | s) (`encode_dataset`):
+    `sample` returns (s, z, r, s', done) with the plain buffer's random draw, so phase 2 never sees an
+    action. Evaluation reads the buffer's state normalisation through it."""
 
-    latents: Optional[torch.Tensor] = None  # [N, act_dim], set by `encode_dataset` after phase 1
+    def __init__(self, buffer: "ReplayBuffer", latents: torch.Tensor):
+        self.buffer, self.latents = buffer, latents  # latents: [N, act_dim], row-aligned with the buffer
+        self.state_mean, self.state_std = buffer.state_mean, buffer.state_std
 
     def sample(self, batch_size: int) -> Tuple[torch.Tensor, ...]:
-        idx = torch.randint(0, self.size, (batch_size,), device=self.device)
-        return self.states[idx], self.latents[idx], self.rewards[idx], self.next_states[idx], self.dones[idx]
+        buffer = self.buffer
+        idx = torch.randint(0, buffer.size, (batch_size,), device=buffer.device)
+        return buffer.states[idx], self.latents[idx], buffer.rewards[idx], buffer.next_states[idx], buffer.dones[idx]
 
 
 class LatentOnlyCNF:
     """cnf.py's Algorithm 2 with every action replaced by its latent: critics Q(s, z), policy targets
     z = f(a | s) from the buffer, no flow in the update at all (so no gradient through it); f^-1 is
-    used only to act. `train(batch)` is one update."""
+    used only to act. The critics are cnf.py's: the latent (same size as the action) takes the action's
+    place in their input. `train(batch)` is one update."""
 
     def __init__(self, flow: ConditionalFlow, state_dim: int, action_dim: int, config: TrainConfig):
         self.flow = flow.freeze()  # for `act` only
         self.config = config
-        self.actor = LatentPolicy(state_dim, action_dim, config.hidden_dim, config.n_layers, config.amp).to(config.device)
-        # Q(s, z): the latent (same size as the action) takes the action's place in the critics' input.
-        self.critic = TwinCritic(state_dim, action_dim, config.hidden_dim, config.n_layers, config.amp).to(config.device)
+        self.actor = LatentPolicy(state_dim, action_dim, config.hidden_dim, config.n_layers, config.amp)
+        self.actor.to(config.device)
+        # ---- [block: critics and optimizers | copied from cnf.py] ----------------------------------
+        self.critic = TwinCritic(state_dim, action_dim, config.hidden_dim, config.n_layers, config.amp)
+        self.critic.to(config.device)
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
         fused = torch.device(config.device).type in ("cpu", "cuda")  # one kernel for all parameters
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr, fused=fused)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr, fused=fused)
+        # ---- [end block: critics and optimizers] ---------------------------------------------------
 
     def train(self, batch: Tuple[torch.Tensor, ...]) -> Dict[str, torch.Tensor]:
         states, latents, rewards, next_states, dones = batch  # latents: z = f(a | s) of the data actions
@@ -892,6 +529,7 @@ class LatentOnlyCNF:
             weights = torch.exp((q_data - q_policy) / cfg.awac_lambda).clamp(max=cfg.exp_adv_max)
         # Eq. 8 in latent space: advantage-weighted L1 distance between data and policy latents.
         actor_loss = (weights * (latents - policy_latents).abs()).mean()
+        # ---- [block: actor step and target update | copied from cnf.py] ----
         self.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_optimizer.step()
@@ -900,12 +538,14 @@ class LatentOnlyCNF:
             torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()), cfg.tau)
         return {"critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach(),
                 "q_mean": q.detach().mean(), "adv_weight_mean": weights.mean()}
+        # ---- [end block: actor step and target update] ----
 
     @torch.no_grad()
     def act(self, states: torch.Tensor) -> torch.Tensor:
         """Evaluation: a = f^-1(tanh(mu(s)) | s), the only use of the flow in phase 2."""
         return self.flow.decode(self.actor.deterministic(states), states)
 
+    # ---- [block: agent state | copied from cnf.py] -------------------------------------------------
     def state_dict(self) -> dict:
         return {"actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
                 "target_critic": self.target_critic.state_dict(),
@@ -918,75 +558,849 @@ class LatentOnlyCNF:
         self.target_critic.load_state_dict(state["target_critic"])
         self.actor_optimizer.load_state_dict(state["actor_optimizer"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+    # ---- [end block: agent state] ------------------------------------------------------------------
 
 
-# ---- The loop ------------------------------------------------------------------------------------
-def train(config: TrainConfig) -> Path:
-    """Both phases, evaluation, checkpoints and results.json; returns the results.json path."""
+# %% The loop: cnf.py's phase 1 and phase 2 loops, and train(config) that runs both
+# ---- [block: flow pretraining loop | copied from cnf.py] -------------------------------------------
+def pretrain_flow(config: TrainConfig, buffer: "ReplayBuffer", run: "Run", checkpoint: Optional[dict]):
+    """Phase 1: returns the best-validation flow; writes it to RUN_DIR/flow.pt."""
     from tqdm import trange
 
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
+    device = config.device
+    generator = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(buffer.size, generator=generator).to(device)
+    n_valid = max(1, int(config.flow_valid_fraction * buffer.size))
+    valid, train = order[:n_valid], order[n_valid:]
+    flow = ConditionalFlow(buffer.actions.shape[1], buffer.states.shape[1], config.flow_layers,
+                           config.flow_hidden, config.amp).to(device)
+    trainer = FlowPretrainer(flow, config)
+    start, best_nll, best_state, since_best = 0, float("inf"), None, 0
+    run.phase = "flow"
+    if checkpoint is not None:
+        trainer.load_state_dict(checkpoint["pretrainer"])
+        start, best_nll, best_state = checkpoint["step"], checkpoint["best_valid_nll"], checkpoint["best_flow"]
+        since_best = checkpoint["evaluations_since_best"]
+        set_rng_state(checkpoint["rng"])  # the resumed run draws the batches the uninterrupted one would
+    else:
+        first = train[torch.randint(0, len(train), (config.flow_batch_size,), device=device)]
+        flow.encode(buffer.actions[first], buffer.states[first], initialize=True)  # ActNorm data init
+
+    def flow_step() -> torch.Tensor:
+        idx = train[torch.randint(0, len(train), (config.flow_batch_size,), device=device)]
+        return trainer.train(buffer.actions[idx], buffer.states[idx])["flow/train_nll"]
+
+    update = compiled(flow_step, config)
+    train_nll, since_log = torch.zeros((), device=device), 0  # summed on the device: no sync per step
+    for step in trange(start + 1, config.flow_steps + 1, desc="phase 1: flow", initial=start,
+                       total=config.flow_steps, mininterval=5):
+        if config.flow_patience and since_best >= config.flow_patience:
+            run.note(f"phase 1: validation NLL has not improved for {since_best} evaluations; stopping at step "
+                     f"{step - 1} (flow_patience)")
+            break
+        run.step = step
+        train_nll += update()
+        since_log += 1
+        if step % config.flow_eval_every == 0 or step == config.flow_steps:
+            valid_nll = trainer.validation_nll(buffer.actions[valid], buffer.states[valid])
+            run.logger.log({"flow/train_nll": train_nll.item() / since_log, "flow/valid_nll": valid_nll}, step, "flow")
+            train_nll, since_log = train_nll.zero_(), 0
+            since_best += 1
+            if valid_nll < best_nll:
+                best_nll, best_state, since_best = valid_nll, copy.deepcopy(flow.state_dict()), 0
+            run.save_checkpoint({"pretrainer": trainer.state_dict(), "best_valid_nll": best_nll,
+                                 "best_flow": best_state, "evaluations_since_best": since_best})
+    if best_state is None:  # flow_steps == 0: keep the initialised flow
+        best_state, best_nll = flow.state_dict(), trainer.validation_nll(buffer.actions[valid], buffer.states[valid])
+    flow.load_state_dict(best_state)
+    save_atomic({"flow": best_state, "sizes": flow.describe(), "best_valid_nll": best_nll,
+                 "base_distribution": BASE_DISTRIBUTION,
+                 "state_mean": torch.from_numpy(buffer.state_mean), "state_std": torch.from_numpy(buffer.state_std)},
+                run.dir / "flow.pt")
+    return flow
+# ---- [end block: flow pretraining loop] ------------------------------------------------------------
+
+
+# ---- [block: rl loop | copied from cnf.py] ---------------------------------------------------------
+def train_agent(agent, buffer: "ReplayBuffer", run: "Run", checkpoint: Optional[dict], desc: str) -> dict:
+    """The offline RL loop: one `agent.train(batch)` per step; losses read every `log_every` steps
+    (the loop's only host syncs); every `eval_every` steps an evaluation and a checkpoint, from which
+    --resume continues exactly (same batches, same noise)."""
+    from tqdm import trange
+
+    config = run.config
+    start, evaluations, update_time = 0, [], 0.0
+    if checkpoint is not None and checkpoint["phase"] == "rl":
+        agent.load_state_dict(checkpoint["agent"])
+        start, evaluations = checkpoint["step"], [tuple(e) for e in checkpoint["evaluations"]]
+        update_time = checkpoint["update_time_s"]
+        set_rng_state(checkpoint["rng"])
+    run.phase = "rl"
+    update = compiled(lambda: agent.train(buffer.sample(config.batch_size)), config)
+    for step in trange(start + 1, config.train_steps + 1, desc=desc, initial=start, total=config.train_steps,
+                       mininterval=5):
+        run.step = step
+        tick = time.perf_counter()
+        metrics = update()
+        update_time += time.perf_counter() - tick
+        if step % config.log_every == 0:
+            run.logger.log({k: v.item() for k, v in metrics.items()}, step)
+        if step % config.eval_every == 0 or step == config.train_steps:
+            evaluations.append((step, run.evaluate(agent.act, buffer)))
+        if step % (config.checkpoint_every or config.eval_every) == 0 or step == config.train_steps:
+            run.save_checkpoint({"agent": agent.state_dict(), "evaluations": evaluations, "update_time_s": update_time})
+    return {**summarize(evaluations), "updates_per_s": config.train_steps / update_time if update_time > 0 else None}
+# ---- [end block: rl loop] --------------------------------------------------------------------------
+
+
+# ---- [block: phase 1 result | copied from cnf.py] --------------------------------------------------
+def load_flow(path: str, buffer: "ReplayBuffer", device: str, amp: bool) -> ConditionalFlow:
+    """A flow.pt written by phase 1 (flow weights, sizes, and the state normalisation it saw)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --flow_checkpoint {path} does not exist")
+    saved = torch_load(path)
+    if saved.get("base_distribution") != BASE_DISTRIBUTION:
+        raise SystemExit(f"error: --flow_checkpoint {path} has a {saved.get('base_distribution')} latent; "
+                         f"this script needs a {BASE_DISTRIBUTION}-latent flow.pt")
+    flow = ConditionalFlow(**saved["sizes"], amp=amp)
+    if (flow.action_dim, flow.state_dim) != (buffer.actions.shape[1], buffer.states.shape[1]):
+        raise SystemExit(f"error: --flow_checkpoint {path} was trained for {flow.action_dim}-dim actions and "
+                         f"{flow.state_dim}-dim states; this data has {buffer.actions.shape[1]} and "
+                         f"{buffer.states.shape[1]}")
+    flow.load_state_dict(saved["flow"])
+    if not np.allclose(saved["state_mean"].numpy(), buffer.state_mean, atol=1e-4):
+        warnings.warn(f"{path} was trained with another state normalisation (another dataset?)")
+    return flow.to(device)
+
+
+def flow_for_phase_2(config: TrainConfig, buffer: "ReplayBuffer",
+                     run: "Run") -> Tuple[ConditionalFlow, Optional[dict]]:
+    """Phase 1, or its result (--flow_checkpoint, or the flow.pt of a run resumed in phase 2).
+    Returns the flow and the checkpoint phase 2 resumes from (None: phase 2 starts fresh)."""
+    if config.flow_checkpoint is not None:
+        return load_flow(config.flow_checkpoint, buffer, config.device, config.amp), run.checkpoint
+    if run.checkpoint is not None and run.checkpoint["phase"] == "rl":
+        return load_flow(str(run.dir / "flow.pt"), buffer, config.device, config.amp), run.checkpoint
+    return pretrain_flow(config, buffer, run, run.checkpoint), None
+# ---- [end block: phase 1 result] -------------------------------------------------------------------
+
+
+def train(config: TrainConfig) -> Path:
+    """Phase 1 (or its saved flow), the dataset encoded once, phase 2 on latents, evaluations and
+    checkpoints; returns the results.json path (which also records latent_edge_fraction)."""
+    data = load_offline_data(config)
+    run = start_run(config, data)
+    buffer = ReplayBuffer(data, config.device)
+    flow, checkpoint = flow_for_phase_2(config, buffer, run)
+    agent = LatentOnlyCNF(flow, buffer.states.shape[1], buffer.actions.shape[1], config)
+    latents, edge_fraction = encode_dataset(agent.flow, buffer.actions, buffer.states)  # z = f(a | s), once
+    edge_fraction = edge_fraction.item()
+    if edge_fraction > 1e-3:
+        warnings.warn(f"{edge_fraction:.2%} of the dataset's actions encode to latents at the box edge "
+                      f"(|z| > 1 - {ACTION_EPS}); they are clamped to it (see encode_dataset)")
+    results = train_agent(agent, LatentReplayBuffer(buffer, latents), run, checkpoint, desc="phase 2: RL")
+    flow_file = run.dir / "flow.pt"
+    return finish_run(run, {**results, "latent_edge_fraction": edge_fraction,
+                            "flow_best_valid_nll": float(torch_load(flow_file)["best_valid_nll"])
+                            if flow_file.exists() else None})
+
+
+# ==== Plumbing shared by every algorithm file (copied from cnf.py; tests/test_copies.py keeps it identical) ====
+# Nothing below is part of the algorithm: data sources, evaluation, checkpoints, logging, config parsing.
+
+
+# ---- [block: d4rl names | copied from cnf.py] ------------------------------------------------------
+D4RL_LOCOMOTION = re.compile(r"^(halfcheetah|hopper|walker2d)-"
+                             r"(random|medium|medium-replay|medium-expert|expert|full-replay)-v2$")
+D4RL_MAZE2D = re.compile(r"^maze2d-(umaze|medium|large)-v1$")
+
+
+def d4rl_filename(name: str) -> str:
+    """The file name d4rl caches a dataset under (the basename of its URL)."""
+    if D4RL_MAZE2D.match(name):
+        return name.replace("-v1", "-sparse-v1") + ".hdf5"
+    env, level = name[: -len("-v2")].split("-", 1)
+    return f"{env}_{level.replace('-', '_')}-v2.hdf5"
+# ---- [end block: d4rl names] -----------------------------------------------------------------------
+
+
+# ---- [block: d4rl scores | copied from cnf.py] -----------------------------------------------------
+D4RL_REF_SCORES = {  # D4RL's (random, expert) returns: normalised score = 100 (R - min) / (max - min)
+    "halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3),
+    "maze2d-umaze": (23.85, 161.86), "maze2d-medium": (13.13, 277.39), "maze2d-large": (6.7, 273.99),
+}
+GYMNASIUM_IDS = {"halfcheetah": "HalfCheetah", "hopper": "Hopper", "walker2d": "Walker2d"}
+# ---- [end block: d4rl scores] ----------------------------------------------------------------------
+
+
+# ---- [block: data | copied from cnf.py] ------------------------------------------------------------
+# Data sources (`--env`, `--dataset_path`), in the order they are tried:
+# 1. `--dataset_path FILE`: any D4RL-format HDF5 file; evaluation env from `--eval_env` or from the
+#    file's `env` attribute; scores normalised with the file's `ref_min_score`/`ref_max_score`
+#    attributes (or D4RL's table when the file name is a D4RL one).
+# 2. `--env <d4rl name>` with d4rl importable (the Docker image): `gym.make(name).get_dataset()`,
+#    evaluation in d4rl's own env, `d4rl.get_normalized_score`.
+# 3. `--env <d4rl name>` without d4rl: the HDF5 file d4rl would have cached, read from
+#    `$D4RL_DATASET_DIR` (default ~/.d4rl/datasets; get it with `python data/download_d4rl.py NAME`),
+#    evaluated in Gymnasium's *v4* MuJoCo env: the v2 files were collected with gym's v2 classes, and
+#    v4 is the modern env with the same observations, rewards and termination (v5 changes Hopper's
+#    terminal reward and Walker2d's foot friction). maze2d has no Gymnasium twin: it needs d4rl.
+# 4. `--env <bundled name>` (`<env>-<level>-gymv5`, default `halfcheetah-medium-gymv5`): a dataset
+#    generated by data/generate.py from a policy shipped in data/policies/, into `$CNF_DATA_DIR`
+#    (default ~/.cache/cnf/datasets) on first use, then reused.
+# 5. `--env <Minari id>` (`mujoco/halfcheetah/medium-v0`, ...: any id with a '/'): a dataset in local
+#    Minari storage (`$MINARI_DATASETS_PATH`, default ~/.minari/datasets), read offline with `minari`;
+#    episodes become D4RL's layout (terminations -> terminals, truncations -> timeouts), evaluation
+#    runs in the dataset's own env (`recover_environment(eval_env=True)`), scores are Minari's
+#    normalised scores where the dataset has reference scores, else raw returns (results.json says which).
+BUNDLED = re.compile(r"^(halfcheetah|hopper|walker2d)-(random|medium|medium-replay|expert|medium-expert)-gymv5$")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class OfflineData:
+    """Transitions after D4RL's q-learning conversion, plus how to evaluate and score on them."""
+
+    name: str
+    observations: np.ndarray  # [N, obs_dim] float32
+    actions: np.ndarray  # [N, act_dim] float32, inside [-1, 1]
+    rewards: np.ndarray  # [N] float32
+    next_observations: np.ndarray  # [N, obs_dim] float32
+    dones: np.ndarray  # [N] float32, 1 where the episode terminated (not timed out)
+    make_eval_env: Callable[[int], object]  # num_envs -> vector env
+    normalize_score: Callable[[np.ndarray], np.ndarray]  # episode returns -> 100 x normalised
+    dataset_score: Optional[float] = None  # mean normalised return of the data's whole episodes
+    score: str = "normalized: 100 (R - random) / (expert - random), D4RL's reference returns"
+
+
+def qlearning_dataset(raw: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """D4RL's `qlearning_dataset`: next observation = the next row; rows whose `timeouts` is set
+    (the last step of an episode cut by the time limit) are dropped, terminal rows are kept with
+    done = 1, and the file's last row is dropped (it has no next row)."""
+    n = len(raw["rewards"])
+    keep = np.flatnonzero(~raw["timeouts"][: n - 1].astype(bool))
+    return {
+        "observations": raw["observations"][keep],
+        "actions": raw["actions"][keep],
+        "rewards": raw["rewards"][keep],
+        "next_observations": raw["observations"][keep + 1],
+        "dones": raw["terminals"][keep].astype(np.float32),
+    }
+
+
+def episode_returns(raw: Dict[str, np.ndarray]) -> np.ndarray:
+    """Returns of the data's whole episodes (those that end with a terminal or a timeout row)."""
+    ends = np.flatnonzero(np.asarray(raw["terminals"], bool) | np.asarray(raw["timeouts"], bool))
+    sums = np.add.reduceat(np.asarray(raw["rewards"], np.float64), np.r_[0, ends[:-1] + 1]) if len(ends) else []
+    return np.asarray(sums, dtype=np.float64)
+
+
+def read_hdf5(path: str) -> Dict[str, np.ndarray]:
+    import h5py
+
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: dataset file {path} does not exist; check the path "
+                         f"(D4RL files: python data/download_d4rl.py NAME)")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in ("observations", "actions", "rewards", "terminals", "timeouts") if k not in f]
+            if missing:
+                raise SystemExit(f"error: {path} lacks the D4RL keys {missing}; see data/README.md for the format")
+            raw = {k: f[k][:] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
+            raw["attrs"] = dict(f.attrs)
+    except OSError as e:
+        raise SystemExit(f"error: {path} is not a readable HDF5 file ({e}); download or generate it again") from None
+    return raw
+
+
+def check_dataset(raw: Dict[str, np.ndarray], source: str) -> Dict[str, np.ndarray]:
+    """Shapes, NaNs and the action box, each with a message that says what to do."""
+    obs, act = np.asarray(raw["observations"]), np.asarray(raw["actions"])
+    n = len(obs)
+    if obs.ndim != 2 or act.ndim != 2 or n == 0:
+        raise SystemExit(f"error: {source}: observations and actions must be 2-D [N, dim] arrays, "
+                         f"got {obs.shape} and {act.shape}")
+    for key in ("actions", "rewards", "terminals", "timeouts"):
+        if len(raw[key]) != n:
+            raise SystemExit(f"error: {source}: '{key}' has {len(raw[key])} rows but observations have {n}")
+    for key in ("observations", "actions", "rewards"):
+        bad = ~np.isfinite(np.asarray(raw[key]).reshape(n, -1)).all(axis=1)
+        if bad.any():
+            raise SystemExit(f"error: {source}: {bad.sum()} rows of '{key}' hold NaN or inf "
+                             f"(first: row {np.flatnonzero(bad)[0]}); remove or repair them")
+    worst = np.abs(act).max()
+    if worst > 1.0 + 1e-4:
+        row = np.flatnonzero(np.abs(act).max(axis=1) > 1.0 + 1e-4)[0]
+        raise SystemExit(f"error: {source}: actions must lie in [-1, 1] (max |a| = {worst:.4g}, row {row}); "
+                         f"rescale them to the env's action box first")
+    raw["observations"] = obs.astype(np.float32)
+    raw["actions"] = np.clip(act, -1.0, 1.0).astype(np.float32)
+    raw["rewards"] = np.asarray(raw["rewards"], dtype=np.float32)
+    return raw
+
+
+def gymnasium_vector_env(env_id: str) -> Callable[[int], object]:
+    def make(num_envs: int):
+        import gymnasium
+
+        with warnings.catch_warnings():  # MuJoCo envs warn about deprecated model setters at every make
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                return gymnasium.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync")
+            except gymnasium.error.Error as e:
+                raise SystemExit(f"error: cannot make the evaluation env {env_id!r} ({e}); pass a Gymnasium id "
+                                 f"that is installed with --eval_env (e.g. HalfCheetah-v5, Hopper-v4)") from None
+
+    return make
+
+
+def reference_normalizer(low: float, high: float) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda returns: 100.0 * (np.asarray(returns) - low) / (high - low)
+
+
+def bundled_names() -> List[str]:
+    """The generated datasets this checkout can build: one per level with a shipped policy."""
+    names = []
+    for env in GYMNASIUM_IDS:
+        shipped = {level for level in ("medium", "medium-replay", "expert")
+                   if (REPO_ROOT / "data" / "policies" / f"{env}-{level}.{'hdf5' if 'replay' in level else 'pt'}")
+                   .exists()}
+        levels = ["random", *sorted(shipped)] + (["medium-expert"] if {"medium", "expert"} <= shipped else [])
+        names += [f"{env}-{level}-gymv5" for level in levels]
+    return names
+
+
+def bundled_dataset_path(name: str) -> str:
+    """Find a bundled dataset in the cache; on first use generate it from the shipped policy."""
+    cache = Path(os.environ.get("CNF_DATA_DIR", Path.home() / ".cache" / "cnf" / "datasets"))
+    path = cache / f"{name}.hdf5"
+    if not path.exists():
+        env, level = BUNDLED.match(name).groups()
+        print(f"generating the bundled dataset {name} into {path} (once; later runs reuse it)", file=sys.stderr)
+        cmd = [sys.executable, str(REPO_ROOT / "data" / "generate.py"), "--env", f"{GYMNASIUM_IDS[env]}-v5",
+               "--level", level, "--num_steps", "1000000", "--seed", "0", "--out", str(path)]
+        if subprocess.run(cmd).returncode != 0:
+            raise SystemExit(f"error: could not generate {name}; run {' '.join(cmd[1:])} to see why")
+    return str(path)
+
+
+def data_from_file(config) -> tuple:
+    """Source 1: any D4RL-format HDF5 file."""
+    name, raw = Path(config.dataset_path).stem, read_hdf5(config.dataset_path)
+    attrs = raw.pop("attrs")
+    eval_env = config.eval_env or attrs.get("env")
+    if eval_env is None:
+        raise SystemExit(f"error: {config.dataset_path} has no 'env' attribute; pass --eval_env (a Gymnasium id)")
+    d4rl_key = next((k for k in D4RL_REF_SCORES if name.startswith(k)), None)
+    if "ref_min_score" in attrs:
+        low, high = float(attrs["ref_min_score"]), float(attrs["ref_max_score"])
+    elif d4rl_key is not None:
+        low, high = D4RL_REF_SCORES[d4rl_key]
+    else:
+        raise SystemExit(f"error: {config.dataset_path} has no ref_min_score/ref_max_score attributes "
+                         f"to normalise scores with; add them (see data/README.md)")
+    return name, raw, gymnasium_vector_env(str(eval_env)), reference_normalizer(low, high)
+
+
+def data_from_d4rl(config) -> tuple:
+    """Source 2: d4rl's own loader, env and score (the Docker image)."""
+    import d4rl
+    import gym
+
+    name = config.env
+
+    def make_env(num_envs: int):
+        return gym.vector.SyncVectorEnv([lambda: gym.make(name)] * num_envs)
+
+    def normalize(returns: np.ndarray) -> np.ndarray:
+        return 100.0 * np.asarray([d4rl.get_normalized_score(name, r) for r in np.atleast_1d(returns)])
+
+    return name, gym.make(name).get_dataset(), make_env, normalize
+
+
+def data_from_d4rl_file(config) -> tuple:
+    """Source 3: the HDF5 file d4rl would have cached, evaluated in Gymnasium's v4 env."""
+    name = config.env
+    if D4RL_MAZE2D.match(name):
+        raise SystemExit(f"error: {name} needs d4rl (maze2d has no Gymnasium equivalent): use the Docker image")
+    path = Path(os.environ.get("D4RL_DATASET_DIR", Path.home() / ".d4rl" / "datasets")) / d4rl_filename(name)
+    if not path.exists():
+        raise SystemExit(f"error: d4rl is not installed and {path} does not exist; "
+                         f"run: python data/download_d4rl.py {name}")
+    raw = read_hdf5(str(path))
+    raw.pop("attrs")
+    env_key = name.split("-")[0]
+    return (name, raw, gymnasium_vector_env(config.eval_env or f"{GYMNASIUM_IDS[env_key]}-v4"),
+            reference_normalizer(*D4RL_REF_SCORES[env_key]))
+
+
+def data_from_bundle(config) -> tuple:
+    """Source 4: a dataset generated by data/generate.py from a shipped policy."""
+    raw = read_hdf5(bundled_dataset_path(config.env))
+    attrs = raw.pop("attrs")
+    return (config.env, raw, gymnasium_vector_env(config.eval_env or str(attrs["env"])),
+            reference_normalizer(float(attrs["ref_min_score"]), float(attrs["ref_max_score"])))
+
+
+MINARI_ID = re.compile(r"^[\w.-]+(/[\w.-]+)*/[\w.-]+-v\d+$")
+
+
+def data_from_minari(config) -> tuple:
+    """Source 5: a Minari dataset from local storage (no download)."""
+    import minari
+
+    try:
+        dataset = minari.load_dataset(config.env, download=False)
+    except FileNotFoundError:
+        raise SystemExit(f"error: the Minari dataset {config.env} is not in local storage (MINARI_DATASETS_PATH "
+                         f"or ~/.minari/datasets); get it with: minari download {config.env}") from None
+    episodes = list(dataset.iterate_episodes())
+    raw = {key: np.concatenate([getattr(e, attr)[: len(e.actions)] for e in episodes])
+           for key, attr in [("observations", "observations"), ("actions", "actions"), ("rewards", "rewards"),
+                             ("terminals", "terminations"), ("timeouts", "truncations")]}
+    raw["timeouts"] = raw["timeouts"] & ~raw["terminals"]  # ended by the time limit only: no done flag
+
+    def make_env(num_envs: int):
+        import gymnasium
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return gymnasium.vector.SyncVectorEnv([lambda: dataset.recover_environment(eval_env=True)] * num_envs)
+
+    if "ref_min_score" in dataset.storage.metadata:  # what minari.get_normalized_score uses, x 100
+        normalize = lambda returns: 100.0 * minari.get_normalized_score(dataset, np.asarray(returns))  # noqa: E731
+    else:
+        normalize = np.asarray
+    return config.env, raw, make_env, normalize
+
+
+def d4rl_installed() -> bool:
+    try:
+        import d4rl  # noqa: F401  (registers the D4RL envs)
+        import gym  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def data_source(config) -> Callable:
+    """The resolver for --dataset_path / --env; an unknown name is refused before anything is loaded."""
+    if config.dataset_path is not None:
+        return data_from_file
+    if D4RL_LOCOMOTION.match(config.env) or D4RL_MAZE2D.match(config.env):
+        return data_from_d4rl if d4rl_installed() else data_from_d4rl_file
+    if config.env in bundled_names():
+        return data_from_bundle
+    if MINARI_ID.match(config.env):
+        return data_from_minari
+    raise SystemExit(f"error: unknown --env {config.env!r}; use a D4RL name (e.g. halfcheetah-medium-v2, "
+                     f"maze2d-umaze-v1), a bundled one ({', '.join(bundled_names())}), a Minari id "
+                     f"(e.g. mujoco/halfcheetah/medium-v0), or --dataset_path FILE")
+
+
+def load_offline_data(config) -> OfflineData:
+    """Resolve --dataset_path / --env to transitions, an evaluation env and a score normaliser."""
+    name, raw, make_env, normalize = data_source(config)(config)
+    raw = check_dataset(raw, config.dataset_path or name)
+    returns = episode_returns(raw)
+    data = qlearning_dataset(raw)
+    if len(data["rewards"]) < 2:
+        raise SystemExit(f"error: {config.dataset_path or name} holds {len(data['rewards'])} transition(s) "
+                         f"after dropping timeout rows; a dataset needs at least 2")
+    score = float(np.mean(normalize(returns))) if len(returns) else None
+    kind = {} if normalize is not np.asarray else {"score": "raw episode return (the data has no reference scores)"}
+    return OfflineData(name=name, make_eval_env=make_env, normalize_score=normalize, dataset_score=score, **kind,
+                       **data)
+
+
+def check_eval_env(envs, data: OfflineData) -> None:
+    obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
+    if (obs_dim, act_dim) != (data.observations.shape[1], data.actions.shape[1]):
+        raise SystemExit(f"error: the data has {data.observations.shape[1]}-dim observations and "
+                         f"{data.actions.shape[1]}-dim actions, the evaluation env {obs_dim} and {act_dim}; "
+                         f"pass the matching --eval_env")
+
+
+class ReplayBuffer:
+    """The whole dataset on the training device, states normalised once; sampling never syncs."""
+
+    def __init__(self, data: OfflineData, device: str):
+        self.state_mean = data.observations.mean(0)
+        self.state_std = data.observations.std(0) + 1e-3
+        as_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device)  # noqa: E731
+        self.states = as_tensor((data.observations - self.state_mean) / self.state_std)
+        self.next_states = as_tensor((data.next_observations - self.state_mean) / self.state_std)
+        self.actions = as_tensor(data.actions)
+        self.rewards = as_tensor(data.rewards)[:, None]  # [N, 1]
+        self.dones = as_tensor(data.dones)[:, None]  # [N, 1]
+        self.size, self.device = len(self.states), device
+
+    def sample(self, batch_size: int) -> Tuple[torch.Tensor, ...]:
+        idx = torch.randint(0, self.size, (batch_size,), device=self.device)
+        return self.states[idx], self.actions[idx], self.rewards[idx], self.next_states[idx], self.dones[idx]
+# ---- [end block: data] -----------------------------------------------------------------------------
+
+
+# ---- [block: evaluation | copied from cnf.py] ------------------------------------------------------
+@torch.no_grad()
+def evaluate(make_env: Callable[[int], object], act: Callable[[torch.Tensor], torch.Tensor],
+             state_mean: np.ndarray, state_std: np.ndarray, episodes: int, seed: int, device: str) -> np.ndarray:
+    """Return of `episodes` episodes stepped together in one vector env; `act` maps normalised
+    states [episodes, obs_dim] to actions. Works with Gymnasium's and old gym's vector envs."""
+    envs = make_env(episodes)
+    reset = envs.reset(seed=seed)
+    obs = reset[0] if isinstance(reset, tuple) else reset
+    returns, running = np.zeros(episodes), np.ones(episodes, dtype=bool)
+    while running.any():
+        states = torch.as_tensor((obs - state_mean) / state_std, dtype=torch.float32, device=device)
+        out = envs.step(act(states).cpu().numpy())
+        if len(out) == 5:  # Gymnasium: obs, reward, terminated, truncated, info
+            obs, reward, terminated, truncated, _ = out
+            done = terminated | truncated
+        else:  # gym 0.23: obs, reward, done, info
+            obs, reward, done, _ = out
+        returns += reward * running  # an env that finished keeps auto-resetting: ignore it
+        running &= ~np.asarray(done, dtype=bool)
+    envs.close()
+    return returns
+# ---- [end block: evaluation] -----------------------------------------------------------------------
+
+
+# ---- [block: utilities | copied from cnf.py] -------------------------------------------------------
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every generator's state, in types that torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temp file, then rename: a crash or kill never leaves a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def torch_load(path) -> dict:
+    """A checkpoint or weights file; an unreadable one is one error line that names it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        raise SystemExit(f"error: {path} is unreadable ({str(e).splitlines()[0][:120]}); it is truncated or not "
+                         f"a file this script wrote: delete it (and pass the run's flags again to start over) "
+                         f"or point to another file") from None
+
+
+def compiled(step: Callable, config) -> Callable:
+    """`--compile`: `step` (a whole update: sampling, forward, backward, optimiser steps) through
+    torch.compile; on CUDA in mode reduce-overhead, which replays it as CUDA graphs, so an update costs
+    a few graph launches instead of one launch per operator. Random draws inside stay fresh at every
+    replay (Inductor threads the RNG state through the graph). The maths is the eager update's."""
+    if not config.compile:
+        return step
+    return torch.compile(step, mode="reduce-overhead" if torch.device(config.device).type == "cuda" else None)
+
+
+def phase_rank(phase: str) -> int:
+    """Pre-training phases (flow, vae, ...) come before the RL phase."""
+    return 1 if phase == "rl" else 0
+
+
+class RunLogger:
+    """metrics.jsonl in the run directory (so curves never need wandb) plus wandb, offline by default.
+    Each phase has its own step axis in wandb (`flow_step`, `rl_step`, ...), so nothing is dropped
+    when phase 2 starts again at step 1. On --resume, lines past the checkpoint are dropped first."""
+
+    def __init__(self, config, run_dir: Path, checkpoint: Optional[dict]):
+        path = run_dir / "metrics.jsonl"
+        if path.exists():  # keep what the checkpoint covers; the resumed run logs the rest again
+            keep = []
+            if checkpoint is not None:
+                last = (phase_rank(checkpoint["phase"]), checkpoint["step"])
+                for line in path.read_text().splitlines():
+                    row = json.loads(line)
+                    if (phase_rank(row.get("phase", "rl")), row["step"]) <= last:
+                        keep.append(line + "\n")
+            tmp = run_dir / ".metrics.jsonl.tmp"
+            tmp.write_text("".join(keep))
+            os.replace(tmp, path)
+        self.file, self.axes, self.wandb = open(path, "a"), set(), None
+        if config.wandb_mode == "disabled":  # wandb is not even imported
+            return
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.wandb = wandb.init(project=config.wandb_project, group=f"{ALGORITHM}-{config.env}",
+                                name=run_dir.name, config=asdict(config), dir=str(run_dir),
+                                mode=config.wandb_mode, resume="allow", id=run_dir.name.replace("/", "_"),
+                                settings=wandb.Settings(silent=True, console="off"))
+
+    def log(self, metrics: Dict[str, float], step: int, phase: str = "rl") -> None:
+        metrics = {k: float(v) for k, v in metrics.items()}
+        self.file.write(json.dumps({"step": step, "phase": phase, **metrics}) + "\n")
+        self.file.flush()
+        if self.wandb is None:
+            return
+        axis = f"{phase}_step"
+        for key in metrics.keys() - self.axes:
+            self.wandb.define_metric(key, step_metric=axis)
+            self.axes.add(key)
+        self.wandb.log({**metrics, axis: step})
+
+    def close(self) -> None:
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def config_path_argument(argv: List[str]) -> Optional[str]:
+    """The value of --config_path in either form tyro accepts (`--config_path F`, `--config_path=F`)."""
+    for i, arg in enumerate(argv):
+        if arg in ("--config_path", "--config-path"):
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise SystemExit("error: --config_path needs a value: a YAML file "
+                                 "(e.g. algorithms/configs/cnf/quick.yaml)")
+            return argv[i + 1]
+        if arg.startswith(("--config_path=", "--config-path=")):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def load_yaml_config(config_class, path: str, flag: str):
+    """A pyrallis YAML as a config; unknown keys and malformed files are one error line each."""
+    import pyrallis
+    import yaml
+
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {flag} {path} does not exist")
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise SystemExit(f"error: {flag} {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    fields = set(config_class.__dataclass_fields__)
+    if not isinstance(values, dict) or set(values) - fields:
+        unknown = sorted(set(values) - fields) if isinstance(values, dict) else values
+        raise SystemExit(f"error: {flag} {path}: unknown keys {unknown}; valid keys are the flags of --help")
+    try:
+        with open(path) as f:
+            return pyrallis.load(config_class, f)
+    except Exception as e:  # pyrallis' own type errors (a string where a number belongs, ...)
+        raise SystemExit(f"error: {flag} {path}: {str(e).splitlines()[0]}") from None
+
+
+def check_config(config) -> None:
+    """Every setting, before any data is loaded: one `error:` line that names the setting and what
+    is allowed. Rules go by the field's name, so every algorithm file's fields are covered."""
+    def refuse(name: str, allowed: str) -> None:
+        raise SystemExit(f"error: --{name} {getattr(config, name)!r} is not allowed: {allowed}")
+
+    for name, value in asdict(config).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if name == "train_steps" and value < 1:
+            refuse(name, "at least 1 update")
+        elif name.endswith(("_steps", "_patience")) and value < 0:
+            refuse(name, "0 or more")
+        elif name.endswith(("_every", "_episodes", "batch_size", "_layers", "_hidden", "hidden_dim",
+                            "cpu_threads")) and value < 1:
+            refuse(name, "a whole number, at least 1")
+        elif name.endswith("_fraction") and not 0.0 < value < 1.0:
+            refuse(name, "a fraction strictly between 0 and 1")
+        elif name.endswith("_lr") and not value > 0.0:
+            refuse(name, "a positive learning rate")
+        elif name in ("gamma", "tau") and not 0.0 < value <= 1.0:
+            refuse(name, "a number in (0, 1]")
+    try:
+        device = torch.device(config.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        refuse("device", "cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but CUDA is not available; pass --device cpu")
+    if config.wandb_mode not in ("online", "offline", "disabled"):
+        refuse("wandb_mode", "online, offline or disabled")
+    for name in ("dataset_path", "flow_checkpoint", "vae_checkpoint"):
+        if getattr(config, name, None) is not None and not os.path.isfile(getattr(config, name)):
+            raise SystemExit(f"error: --{name} {getattr(config, name)} does not exist")
+    data_source(config)  # an unknown --env is refused here, before any data is read
+
+
+def parse_config(config_class, argv: List[str]):
+    """tyro flags over an optional pyrallis YAML (--config_path): flags win over the file.
+    A --resume run starts from its own config.yaml (flags may still change it)."""
+    import tyro
+
+    default, path = config_class(), config_path_argument(argv)
+    if path is not None:
+        default = load_yaml_config(config_class, path, "--config_path")
+    config = tyro.cli(config_class, args=argv, default=default, use_underscores=True)
+    if config.resume is not None:
+        saved = Path(config.resume) / "config.yaml"
+        if not saved.is_file():
+            raise SystemExit(f"error: --resume {config.resume} is not a run directory (no config.yaml)")
+        config = tyro.cli(config_class, args=argv, default=load_yaml_config(config_class, str(saved), "--resume"),
+                          use_underscores=True)
+    check_config(config)
+    return config
+
+
+def make_run_dir(config, data_name: str) -> Path:
+    import pyrallis
+
+    if config.resume is not None:
+        run_dir = Path(config.resume)
+    else:
+        name = config.run_name or f"{ALGORITHM}-{data_name}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = Path(config.checkpoints_path) / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / ".config.yaml.tmp"
+    with open(tmp, "w") as f:
+        pyrallis.dump(config, f)
+    os.replace(tmp, run_dir / "config.yaml")
+    return run_dir
+
+
+def write_json_atomic(path: Path, obj: dict) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def summarize(evaluations: List[Tuple[int, float]]) -> dict:
+    scores = [score for _, score in evaluations]
+    return {
+        "final_normalized_score": scores[-1] if scores else None,
+        "best_normalized_score": max(scores) if scores else None,
+        "last10_mean_normalized_score": float(np.mean(scores[-10:])) if scores else None,
+        "evaluations": [{"step": step, "normalized_score": score} for step, score in evaluations],
+    }
+
+
+@dataclass
+class Run:
+    """One run directory while it trains: its config, data, checkpoint, logger and clocks.
+    `elapsed()` counts the wall time of every part of a resumed run; status.json says whether the
+    run is running, finished, interrupted or failed (a killed run stays 'running' with a dead pid)."""
+
+    config: object
+    data: OfflineData
+    dir: Path
+    checkpoint: Optional[dict]
+    logger: RunLogger
+    started: float
+    phase: str = "start"
+    step: int = 0
+    active = None  # the run in progress, for the Ctrl-C message
+
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+    def set_status(self, state: str) -> None:
+        write_json_atomic(self.dir / "status.json", {"state": state, "pid": os.getpid(), "host": socket.gethostname(),
+                                                     "phase": self.phase, "step": self.step, "updated": time.time()})
+
+    def save_checkpoint(self, state: dict) -> None:
+        """Atomic checkpoint.pt with the RNG state and the run's wall time so far."""
+        save_atomic({**state, "phase": self.phase, "step": self.step, "rng": rng_state(),
+                     "elapsed_s": self.elapsed()}, self.dir / "checkpoint.pt")
+        self.set_status("running")
+
+    def note(self, message: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(message)
+
+    def evaluate(self, act: Callable[[torch.Tensor], torch.Tensor], buffer: "ReplayBuffer") -> float:
+        """Evaluation episodes, logged and printed on one line; returns the normalised score."""
+        config, data = self.config, self.data
+        returns = evaluate(data.make_eval_env, act, buffer.state_mean, buffer.state_std, config.eval_episodes,
+                           config.seed, config.device)
+        score = float(np.mean(data.normalize_score(returns)))
+        self.logger.log({"eval/normalized_score": score, "eval/return": float(returns.mean())}, step=self.step)
+        reference = f"  (dataset average {data.dataset_score:.1f})" if data.dataset_score is not None else ""
+        self.note(f"step {self.step}  normalized {score:.1f}{reference}")
+        return score
+
+
+def start_run(config, data: OfflineData) -> Run:
+    """Check the evaluation env against the data, make (or reopen) the run directory and its
+    checkpoint, seed everything and open the logger."""
     if config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
-    data = load_offline_data(config)
     probe = data.make_eval_env(1)
     check_eval_env(probe, data)
     probe.close()
     run_dir = make_run_dir(config, data.name)
     checkpoint = torch_load(run_dir / "checkpoint.pt") if (run_dir / "checkpoint.pt").exists() else None
     set_seed(config.seed)
-    buffer = LatentReplayBuffer(data, config.device)
-    logger = RunLogger(config, run_dir)
-    started = time.time()
+    logger = RunLogger(config, run_dir, checkpoint)
+    run = Run(config, data, run_dir, checkpoint, logger, time.time() - (checkpoint or {}).get("elapsed_s", 0.0))
+    run.set_status("running")
+    Run.active = run
+    return run
 
-    if config.flow_checkpoint is not None:
-        flow = load_flow(config.flow_checkpoint, buffer, config.device, config.amp)
-    elif checkpoint is not None and checkpoint["phase"] == "rl":
-        flow = load_flow(str(run_dir / "flow.pt"), buffer, config.device, config.amp)
-    else:
-        flow = pretrain_flow(config, buffer, run_dir, logger, checkpoint)
-        checkpoint = None  # phase 2 starts fresh
-    agent = LatentOnlyCNF(flow, buffer.states.shape[1], buffer.actions.shape[1], config)
-    buffer.latents, edge_fraction = encode_dataset(agent.flow, buffer.actions, buffer.states)  # z = f(a | s), once
-    edge_fraction = edge_fraction.item()
-    if edge_fraction > 1e-3:
-        warnings.warn(f"{edge_fraction:.2%} of the dataset's actions encode to latents at the box edge "
-                      f"(|z| > 1 - {ACTION_EPS}); they are clamped to it (see encode_dataset)")
 
-    start, evaluations = 0, []
-    if checkpoint is not None and checkpoint["phase"] == "rl":
-        agent.load_state_dict(checkpoint["agent"])
-        start, evaluations = checkpoint["step"], [tuple(e) for e in checkpoint["evaluations"]]
-        set_rng_state(checkpoint["rng"])
-    rl_started, update_time = time.time(), 0.0
-    for step in trange(start + 1, config.train_steps + 1, desc="phase 2: RL", initial=start,
-                       total=config.train_steps, mininterval=5):
-        tick = time.perf_counter()
-        metrics = agent.train(buffer.sample(config.batch_size))
-        update_time += time.perf_counter() - tick
-        if step % config.log_every == 0:
-            logger.log({k: v.item() for k, v in metrics.items()}, step=step)
-        if step % config.eval_every == 0 or step == config.train_steps:
-            returns = evaluate(data.make_eval_env, agent.act, buffer.state_mean, buffer.state_std,
-                               config.eval_episodes, config.seed, config.device)
-            score = float(np.mean(data.normalize_score(returns)))
-            evaluations.append((step, score))
-            logger.log({"eval/normalized_score": score, "eval/return": float(returns.mean())}, step=step)
-            save_atomic({"phase": "rl", "step": step, "agent": agent.state_dict(), "evaluations": evaluations,
-                         "rng": rng_state()}, run_dir / "checkpoint.pt")
-    logger.close()
-    done = config.train_steps - start
-    results = {"algorithm": ALGORITHM, "dataset": data.name, **summarize(evaluations),
-               "train_steps": config.train_steps, "latent_edge_fraction": edge_fraction,
-               "wall_time_s": time.time() - started,
-               "updates_per_s": done / update_time if update_time > 0 else None,
-               "rl_wall_time_s": time.time() - rl_started,
-               "flow_best_valid_nll": float(torch_load(run_dir / "flow.pt")["best_valid_nll"])
-               if (run_dir / "flow.pt").exists() else None}
-    return write_results(run_dir, results)
+def finish_run(run: Run, results: dict) -> Path:
+    """results.json (scores, the dataset's own average, wall time of all parts), status 'finished'."""
+    run.logger.close()
+    config, summary = run.config, results.get("last10_mean_normalized_score")
+    results = {"algorithm": ALGORITHM, "dataset": run.data.name, "seed": config.seed, "train_steps": config.train_steps,
+               **results, "score": run.data.score, "dataset_normalized_score": run.data.dataset_score,
+               "wall_time_s": run.elapsed()}
+    path = write_json_atomic(run.dir / "results.json", results)
+    run.phase = "done"
+    run.set_status("finished")
+    Run.active = None
+    reference = f" (dataset average {run.data.dataset_score:.1f})" if run.data.dataset_score is not None else ""
+    if summary is not None:
+        print(f"{ALGORITHM} on {run.data.name}: last-10 mean normalized {summary:.1f}, final "
+              f"{results['final_normalized_score']:.1f}{reference}, {results['wall_time_s']:.0f} s")
+    return path
+
+
+def main(train: Callable, config_class) -> None:
+    """The command line: parse, train, print the results path. Ctrl-C stops at a safe point: the
+    last checkpoint stays, and the message gives the exact command that continues the run."""
+    config = parse_config(config_class, sys.argv[1:])
+    try:
+        path = train(config)
+    except KeyboardInterrupt:
+        run = Run.active
+        if run is None:
+            raise SystemExit("interrupted before the run directory existed; nothing to resume") from None
+        run.set_status("interrupted")
+        print(f"\ninterrupted in {run.phase} at step {run.step}; continue with: "
+              f"python {sys.argv[0]} --resume {run.dir}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except BaseException:
+        if Run.active is not None:
+            Run.active.set_status("failed")
+        raise
+    print(f"results: {path}")
+# ---- [end block: utilities] ------------------------------------------------------------------------
 
 
 if __name__ == "__main__":
-    path = train(parse_config(TrainConfig, sys.argv[1:]))
-    print(f"results: {path}")
+    main(train, TrainConfig)

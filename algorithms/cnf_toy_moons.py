@@ -64,6 +64,10 @@ replacement (enough for the figures; the run stays within about 2 minutes on 2 l
 initialised from the first batch as in cnf.py; both models start from the same seed. One torch
 thread by default (`cpu_threads`): the ops are tiny, and two threads on a busy 2-core machine were
 about 8x slower per step.
+
+Reading order: config; the two flows (cnf.py's layers with an empty condition, Eq. 5 without a
+state) and their fitting; the experiment: data, the out-of-distribution metric, latent samples,
+figures, and `run(config)`.
 """
 from __future__ import annotations
 
@@ -106,37 +110,8 @@ class ToyConfig:
     grid: int = 200  # density image resolution per axis
 
 
-# ---- Data ------------------------------------------------------------------------------------------
-def make_moons_squeezed(config: ToyConfig) -> Dict[str, np.ndarray]:
-    """Training, validation and reference points in (-1, 1)^2, float32, and the squeeze map."""
-    from sklearn.datasets import make_moons
-
-    draw = lambda n, offset: make_moons(n, noise=config.noise, random_state=config.seed + offset)[0]  # noqa: E731
-    train = draw(config.n_train, 0)
-    low, high = train.min(0), train.max(0)
-    squeeze = lambda x: (-config.squeeze + 2 * config.squeeze * (x - low) / (high - low)).astype(np.float32)  # noqa: E731
-    return {"train": squeeze(train), "valid": squeeze(draw(config.n_train, 1)),
-            "reference": squeeze(draw(config.n_samples, 2)), "low": low, "high": high}
-
-
-class NearestNeighbourOOD:
-    """Out of distribution = farther than `threshold` from every training point (see the docstring)."""
-
-    def __init__(self, train: np.ndarray, quantile: float):
-        from sklearn.neighbors import KDTree
-
-        self.tree = KDTree(train)
-        nearest_other = self.tree.query(train, k=2)[0][:, 1]  # k=1 is the point itself
-        self.threshold = float(np.quantile(nearest_other, quantile))
-
-    def is_ood(self, points: np.ndarray) -> np.ndarray:
-        return self.tree.query(points, k=1)[0][:, 0] > self.threshold
-
-    def fraction(self, points: np.ndarray) -> float:
-        return float(self.is_ood(points).mean())
-
-
-# ---- [block: networks | copied from cnf.py] ----
+# %% The flows: cnf.py's layers with an empty condition, and a Normal or a Uniform latent
+# ---- [block: mlp | copied from cnf.py] -------------------------------------------------------------
 def mlp(in_dim: int, out_dim: int, hidden: int, n_layers: int, activation=nn.ReLU) -> nn.Sequential:
     """n_layers linear layers with `activation` between them."""
     dims = [in_dim] + [hidden] * (n_layers - 1) + [out_dim]
@@ -146,43 +121,10 @@ def mlp(in_dim: int, out_dim: int, hidden: int, n_layers: int, activation=nn.ReL
         if i < n_layers - 1:
             layers.append(activation())
     return nn.Sequential(*layers)
+# ---- [end block: mlp] ------------------------------------------------------------------------------
 
 
-class VectorizedLinear(nn.Module):
-    """`ensemble` independent linear layers applied in one batched matmul: [E, B, in] -> [E, B, out]."""
-
-    def __init__(self, in_dim: int, out_dim: int, ensemble: int):
-        super().__init__()
-        bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default initialisation, per member
-        self.weight = nn.Parameter(torch.empty(ensemble, in_dim, out_dim).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(ensemble, 1, out_dim).uniform_(-bound, bound))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
-
-
-class TwinCritic(nn.Module):
-    """Q1 and Q2 (n_layers x hidden, ReLU) as one vectorised ensemble: Q(s, a) -> [2, B, 1] (float32)."""
-
-    def __init__(self, state_dim: int, action_dim: int, hidden: int, n_layers: int, amp: bool = False):
-        super().__init__()
-        self.amp = amp  # bfloat16 matmuls
-        dims = [state_dim + action_dim] + [hidden] * (n_layers - 1) + [1]
-        layers: List[nn.Module] = []
-        for i in range(n_layers):
-            layers.append(VectorizedLinear(dims[i], dims[i + 1], ensemble=2))
-            if i < n_layers - 1:
-                layers.append(nn.ReLU())
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([states, actions], dim=-1)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            return self.net(x.unsqueeze(0).expand(2, -1, -1)).float()
-# ---- [end block: networks] ----
-
-
-# ---- [block: flow layers | copied from cnf.py] ----
+# ---- [block: flow layers | copied from cnf.py] -----------------------------------------------------
 ACTION_EPS = 1e-5  # actions and latents are clamped to [-1 + eps, 1 - eps] (official code)
 
 
@@ -286,7 +228,7 @@ class FlowBlock(nn.Module):
         self.linear = InvertibleLinear(dim)
         self.coupling = AffineCoupling(dim, cond_dim, hidden, keep_first, amp)
 
-    def encode(self, x: torch.Tensor, cond: torch.Tensor, initialize: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, x: torch.Tensor, cond: torch.Tensor, initialize: bool = False) -> Tuple[torch.Tensor, ...]:
         if initialize:
             self.actnorm.initialize(x)
         x, log_det_actnorm = self.actnorm.encode(x, cond)
@@ -296,12 +238,14 @@ class FlowBlock(nn.Module):
 
     def decode(self, y: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.actnorm.decode(self.linear.decode(self.coupling.decode(y, cond), cond), cond)
+# ---- [end block: flow layers] ----------------------------------------------------------------------
 
 
+# ---- [block: tanh log derivative | copied from cnf.py] ----
 def tanh_log_derivative(h: torch.Tensor) -> torch.Tensor:
     """log(1 - tanh(h)^2), computed without cancellation near |h| large."""
     return 2.0 * (math.log(2.0) - h - F.softplus(-2.0 * h))
-# ---- [end block: flow layers] ----
+# ---- [end block: tanh log derivative] ----
 
 
 class ToyFlow(nn.Module):
@@ -377,6 +321,36 @@ def fit_flow(flow: ToyFlow, train: torch.Tensor, valid: torch.Tensor, config: To
     return history
 
 
+# %% The experiment: data, the out-of-distribution metric, latent samples, figures
+def make_moons_squeezed(config: ToyConfig) -> Dict[str, np.ndarray]:
+    """Training, validation and reference points in (-1, 1)^2, float32, and the squeeze map."""
+    from sklearn.datasets import make_moons
+
+    draw = lambda n, offset: make_moons(n, noise=config.noise, random_state=config.seed + offset)[0]  # noqa: E731
+    train = draw(config.n_train, 0)
+    low, high = train.min(0), train.max(0)
+    squeeze = lambda x: (-config.squeeze + 2 * config.squeeze * (x - low) / (high - low)).astype(np.float32)  # noqa: E731
+    return {"train": squeeze(train), "valid": squeeze(draw(config.n_train, 1)),
+            "reference": squeeze(draw(config.n_samples, 2)), "low": low, "high": high}
+
+
+class NearestNeighbourOOD:
+    """Out of distribution = farther than `threshold` from every training point (see the docstring)."""
+
+    def __init__(self, train: np.ndarray, quantile: float):
+        from sklearn.neighbors import KDTree
+
+        self.tree = KDTree(train)
+        nearest_other = self.tree.query(train, k=2)[0][:, 1]  # k=1 is the point itself
+        self.threshold = float(np.quantile(nearest_other, quantile))
+
+    def is_ood(self, points: np.ndarray) -> np.ndarray:
+        return self.tree.query(points, k=1)[0][:, 0] > self.threshold
+
+    def fraction(self, points: np.ndarray) -> float:
+        return float(self.is_ood(points).mean())
+
+
 def box_edge_latents(n: int, depth: float, generator: torch.Generator) -> torch.Tensor:
     """n points spread uniformly over the boundary of the square [-depth, depth]^2 (its four sides)."""
     along = torch.rand(n, generator=generator) * 2 - 1
@@ -386,7 +360,6 @@ def box_edge_latents(n: int, depth: float, generator: torch.Generator) -> torch.
     return depth * edge
 
 
-# ---- Figures -----------------------------------------------------------------------------------------
 def plot_figures(models: Dict[str, ToyFlow], data: Dict[str, np.ndarray], samples: Dict[str, Dict[str, np.ndarray]],
                  ood: NearestNeighbourOOD, config: ToyConfig, out_dir: Path) -> Dict[str, str]:
     import matplotlib
@@ -442,7 +415,8 @@ def plot_figures(models: Dict[str, ToyFlow], data: Dict[str, np.ndarray], sample
     fig, axes = plt.subplots(2, columns, figsize=(3 * columns, 6.8), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    slots = [axes[0, i] for i in range(len(config.amplitudes))] + [axes[1, i] for i in range(1 + len(config.edge_depths))]
+    slots = ([axes[0, i] for i in range(len(config.amplitudes))]
+             + [axes[1, i] for i in range(1 + len(config.edge_depths))])
     for ax, (name, key, title) in zip(slots, panels):
         ax.axis("on")
         points = samples[name][key]
@@ -458,7 +432,7 @@ def plot_figures(models: Dict[str, ToyFlow], data: Dict[str, np.ndarray], sample
     return {"fig2": str(fig2), "fig3": str(fig3)}
 
 
-# ---- The experiment ------------------------------------------------------------------------------------
+# %% The run
 def run(config: ToyConfig) -> Path:
     """Fit both flows, sample, measure OOD fractions, plot; returns the JSON path."""
     if config.device.startswith("cuda") and not torch.cuda.is_available():
@@ -491,7 +465,8 @@ def run(config: ToyConfig) -> Path:
         samples["normal"] = {f"{a:g}": decode("normal", a * noise) for a in config.amplitudes}
         samples["uniform"] = {"box": decode("uniform", torch.rand(config.n_samples, 2, generator=generator) * 2 - 1)}
         for depth in config.edge_depths:
-            samples["uniform"][f"edge_{depth:g}"] = decode("uniform", box_edge_latents(config.n_samples, depth, generator))
+            edge = box_edge_latents(config.n_samples, depth, generator)
+            samples["uniform"][f"edge_{depth:g}"] = decode("uniform", edge)
         latents_uniform = models["uniform"].encode(train)[0].cpu()  # [n_train, 2]
     figures = plot_figures(models, data, samples, ood, config, out_dir)
 

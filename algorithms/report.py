@@ -5,41 +5,57 @@ of Normalizing Flows" (arXiv 2211.11096). Reads what the algorithm files leave i
 directories (config.yaml, results.json, metrics.jsonl; no wandb needed) and writes into --out:
 
 - report.md: a Table-1-style table, one row per dataset and one column per algorithm, each cell
-  the mean +- std over seeds (runs) of a run's score = the mean of its last 10 evaluations
-  (`last10_mean_normalized_score`, the paper's protocol), with the number of seeds; a second table
-  with the paper's Table 1 numbers for the D4RL datasets present; the list of runs read.
+  the mean +- std over seeds of a run's score = the mean of its last 10 evaluations
+  (`last10_mean_normalized_score`, the paper's protocol), with the number of distinct seeds; beside
+  each algorithm its number in the paper's Table 1 for the D4RL datasets, and the dataset's own
+  average score (`dataset_normalized_score`, when the runs record it); under the table, the runs
+  left out of it and why, and the unreadable run directories; the paper's whole Table 1 for the
+  D4RL datasets present; the list of runs read, with their state.
 - learning_curves_<dataset>.png (Fig. 4): normalised score against training step, mean +- std band
-  over seeds per algorithm.
+  over seeds per algorithm; the dataset's average score as a dotted line where it is known.
 - flow_nll_<dataset>.png (Fig. 8): flow pre-training NLL against flow step, train (dashed) and
   validation (solid) per algorithm, mean +- std band over seeds; only where metrics.jsonl holds
   `flow/train_nll` / `flow/valid_nll` (e.g. cnf vs cnf_normal_ablation run on the same data).
-- summary.json: the numbers behind the tables (per group: per-run scores, mean, std, seeds).
+- summary.json: the numbers behind the tables (per group: per-run scores, mean, std, seeds, the paper's
+  number, the dataset average), the runs left out and the directories skipped, each with its reason.
 
     python algorithms/report.py runs/ [more_runs/ ...] --out report/
     python algorithms/report.py runs/ --out report_fig6/ --split_by latent_clip     # Fig. 6: one column per a
 
-Prints `report: <path of report.md>` as the last line.
+Prints the table and what was left out, then `report: <path of report.md>` as the last line.
 
 Conventions (ours; the paper does not spell them out):
 - A run directory is any directory under a root that holds results.json or config.yaml (wandb's
-  own folders are skipped). Every run directory counts as one seed of its (dataset, algorithm).
+  own folders and hidden folders are skipped). One that cannot be read (no config.yaml, empty or
+  corrupt JSON or YAML, results.json without its keys, an algorithm that cannot be inferred) is
+  skipped with a one-line `warning:` on stderr and listed in report.md; the report goes on.
+- A run's state: `finished` when results.json exists; else status.json (which the algorithm files
+  keep: state, pid, host, step) decides: `running` only while its process is alive (pid checked when
+  the host is this machine; from another host, while some file in the run directory changed in the
+  last 30 minutes), else `died` (killed: SIGKILL leaves "running" behind); `interrupted` and `failed`
+  as status.json says. Without status.json (older runs) the 30-minute rule alone decides.
+- Seeds: each (dataset, algorithm incl. --split_by variant, seed) counts once. Of several runs of one
+  seed the newest finished one counts (else the newest in progress); the others are left out, and
+  report.md says which. Runs that died, were interrupted or failed are left out too (report.md gives
+  the `--resume` command that continues each).
 - std is the population standard deviation over seeds (numpy's default, ddof = 0, as CORL's
   reports); one seed gives std 0.
-- Runs still in progress (no results.json) are included from metrics.jsonl: their evaluations are
-  its `eval/normalized_score` lines, their score is the mean of their last 10 evaluations so far,
-  and the table marks such cells with `*` ("includes runs in progress"); --finished_only leaves
-  them out. Their dataset is `Path(dataset_path).stem` or `env` from config.yaml (the name the
-  algorithm files put in results.json); their algorithm is the longest known algorithm name (the
-  `ALGORITHM` constants of algorithms/*.py) that prefixes the directory name (the default run name
-  is `<algorithm>-<dataset>-seed<seed>-<time>`), else the algorithm whose TrainConfig fields are
-  closest to config.yaml's keys (fewest fields in one but not the other, at most 2, to survive a
-  field added to a script after the run started; a tie counts as no match); a run that matches
-  neither is skipped with a warning.
+- Runs in progress are included from metrics.jsonl: their evaluations are its
+  `eval/normalized_score` lines, their score is the mean of their last 10 evaluations so far, and the
+  table marks such cells with `*` ("includes runs in progress"); --finished_only leaves them out.
+  Their dataset is `Path(dataset_path).stem` or `env` from config.yaml (the name the algorithm files
+  put in results.json); their algorithm is the longest known algorithm name (the `ALGORITHM`
+  constants of algorithms/*.py) that prefixes the directory name (the default run name is
+  `<algorithm>-<dataset>-seed<seed>-<time>`), else the algorithm whose TrainConfig fields are closest
+  to config.yaml's keys (fewest fields in one but not the other, at most 2, to survive a field added
+  to a script after the run started; a tie counts as no match).
 - metrics.jsonl is appended to on --resume, so a step may appear twice: the last line wins.
 - Learning curves align runs on their evaluation steps; at each step the band uses the seeds that
   reached it (a run in progress stops early).
 - Dataset names from D4RL file names (`hopper_medium_replay-v2`, `maze2d-umaze-sparse-v1`) are
-  matched to the paper's names (`hopper-medium-replay-v2`, `maze2d-umaze-v1`) for the paper table.
+  matched to the paper's names (`hopper-medium-replay-v2`, `maze2d-umaze-v1`) for the paper columns.
+  Generated datasets (`*-gymv5`) and other files have no paper numbers: the dataset average is
+  their reference.
 """
 from __future__ import annotations
 
@@ -49,18 +65,21 @@ import json
 import math
 import os
 import re
+import socket
 import sys
-import warnings
+import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 ALGORITHMS_DIR = Path(__file__).resolve().parent
 
-# Table 1 of the paper (normalised scores; CNF is the mean over 3 seeds, its +- std alongside).
+# Table 1 of the CNF paper (Akimov et al., arXiv 2211.11096, Table 1): D4RL normalised scores x 100 as
+# printed there; CNF is the paper's mean +- std over 3 seeds. Column names are the algorithms' ALGORITHM
+# constants upper-cased.
 PAPER_COLUMNS = ("AWAC", "IQL", "PLAS", "LAPO", "CNF")
 PAPER_TABLE1 = {
     "walker2d-medium-v2": ("78.20", "78.80", "71.2", "80.75", "83.60 ± 3.01"),
@@ -76,35 +95,67 @@ PAPER_TABLE1 = {
     "maze2d-medium-v1": ("-", "35.45", "66.4", "142.8", "155.89 ± 10.49"),
     "maze2d-large-v1": ("-", "49.64", "107.2", "200.6", "212.8 ± 2.23"),
 }
+# SfBC is not in the CNF paper's Table 1: the numbers its own paper reports (Chen et al., "Offline
+# Reinforcement Learning via High-Fidelity Generative Behavior Modeling", ICLR 2023).
+SFBC_REPORTED = {"halfcheetah-medium-v2": "45.9", "antmaze-umaze-v0": "93.3", "antmaze-umaze-diverse-v0": "86.7"}
 
 
-def paper_dataset_name(name: str) -> Optional[str]:
-    """The paper's name of a dataset, accepting d4rl's cached file stems; None if not in Table 1."""
-    if name in PAPER_TABLE1:
+def paper_dataset_name(name: str) -> str | None:
+    """The papers' name of a dataset, accepting d4rl's cached file stems; None if no paper reports it."""
+    known = PAPER_TABLE1.keys() | SFBC_REPORTED.keys()
+    if name in known:
         return name
     match = re.match(r"^(halfcheetah|hopper|walker2d)_([a-z_]+)-v2$", name)
     if match:
         candidate = f"{match[1]}-{match[2].replace('_', '-')}-v2"
-        return candidate if candidate in PAPER_TABLE1 else None
+        return candidate if candidate in known else None
     candidate = name.replace("-sparse-v1", "-v1")
-    return candidate if candidate in PAPER_TABLE1 else None
+    return candidate if candidate in known else None
+
+
+def paper_score(algorithm: str, dataset: str) -> str | None:
+    """The paper's number for this algorithm on this dataset (as printed), None where it reports none."""
+    paper = paper_dataset_name(dataset)
+    if paper is None:
+        return None
+    if algorithm == "sfbc":
+        return SFBC_REPORTED.get(paper)
+    if algorithm.upper() not in PAPER_COLUMNS or paper not in PAPER_TABLE1:
+        return None
+    value = PAPER_TABLE1[paper][PAPER_COLUMNS.index(algorithm.upper())]
+    return None if value == "-" else value
 
 
 # ---- Reading runs -----------------------------------------------------------------------------------
+STALE_AFTER_S = 30 * 60  # a run whose process cannot be checked is dead after this long without a write
+STOPPED_STATES = ("interrupted", "failed", "died")  # run states left out of the tables
+
+
 @dataclass
 class Run:
     path: Path
     algorithm: str
     dataset: str
-    seed: Optional[int]
-    finished: bool
-    score: Optional[float]  # mean of the last 10 evaluations (None: no evaluation yet)
-    evaluations: List[Tuple[int, float]]  # (step, normalised score)
-    flow_nll: Dict[str, List[Tuple[int, float]]] = field(default_factory=dict)  # "train"/"valid" -> (step, nll)
+    seed: int | None
+    state: str  # "finished" | "running" | "interrupted" | "failed" | "died" (see run_state)
+    score: float | None  # mean of the last 10 evaluations (None: no evaluation yet)
+    evaluations: list[tuple[int, float]]  # (step, normalised score)
+    flow_nll: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # "train"/"valid" -> (step, nll)
     config: dict = field(default_factory=dict)
+    why: str = ""  # how the state was told (pid, host, last write, the step it stopped at)
+    updated: float = 0.0  # last modification (results.json's for a finished run): the newest run of a seed wins
+    dataset_score: float | None = None  # mean normalised return of the dataset's own episodes, when recorded
+
+    @property
+    def finished(self) -> bool:
+        return self.state == "finished"
 
 
-def known_algorithms(directory: Path = ALGORITHMS_DIR) -> Dict[str, Optional[frozenset]]:
+class UnreadableRun(Exception):
+    """A run directory the report cannot read; it is skipped with a warning."""
+
+
+def known_algorithms(directory: Path = ALGORITHMS_DIR) -> dict[str, frozenset | None]:
     """ALGORITHM constant -> the field names of its TrainConfig (None if it has none), read with ast."""
     found = {}
     for path in sorted(directory.glob("*.py")):
@@ -125,29 +176,33 @@ def known_algorithms(directory: Path = ALGORITHMS_DIR) -> Dict[str, Optional[fro
     return found
 
 
-def read_metrics(path: Path) -> Dict[str, Dict[int, float]]:
-    """metrics.jsonl -> key -> {step: value}; a later line for the same step wins (resumed runs)."""
-    series: Dict[str, Dict[int, float]] = defaultdict(dict)
+def read_metrics(path: Path) -> tuple[dict[str, dict[int, float]], dict[str, float]]:
+    """metrics.jsonl -> (key -> {step: value}, key -> its last value on any line, with or without a step);
+    a later line for the same step wins (resumed runs)."""
+    series: dict[str, dict[int, float]] = defaultdict(dict)
+    latest: dict[str, float] = {}
     if not path.is_file():
-        return series
+        return series, latest
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line cut by a crash mid-write
             continue
-        step = record.pop("step", None)
-        if step is None:
+        if not isinstance(record, dict):
             continue
+        step = record.pop("step", None)
         for key, value in record.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
-                series[key][int(step)] = float(value)
-    return series
+                latest[key] = float(value)
+                if step is not None:
+                    series[key][int(step)] = float(value)
+    return series, latest
 
 
 FIELD_TOLERANCE = 2  # config.yaml may differ from its script's TrainConfig by this many fields
 
 
-def infer_algorithm(run_dir: Path, config: dict, algorithms: Dict[str, Optional[frozenset]]) -> Optional[str]:
+def infer_algorithm(run_dir: Path, config: dict, algorithms: dict[str, frozenset | None]) -> str | None:
     by_prefix = [name for name in algorithms if run_dir.name.startswith(f"{name}-")]
     if by_prefix:
         return max(by_prefix, key=len)
@@ -159,73 +214,186 @@ def infer_algorithm(run_dir: Path, config: dict, algorithms: Dict[str, Optional[
     return None
 
 
-def read_run(run_dir: Path, algorithms: Dict[str, Optional[frozenset]], split_by: Sequence[str] = ()) -> Optional[Run]:
+def read_file(path: Path, parse):
+    """parse(path's text), or UnreadableRun naming the file and what is wrong with it."""
     import yaml
 
-    config = {}
-    if (run_dir / "config.yaml").is_file():
-        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    metrics = read_metrics(run_dir / "metrics.jsonl")
+    try:
+        return parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as error:  # ValueError: JSON and Unicode errors
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UnreadableRun(f"{path.name} cannot be read ({detail})") from error
+
+
+def newest_write(run_dir: Path) -> float:
+    """The latest modification time of the run directory and the files directly in it."""
+    times = [run_dir.stat().st_mtime] + [p.stat().st_mtime for p in run_dir.iterdir() if p.is_file()]
+    return max(times)
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, another user's
+        return True
+    return True
+
+
+def since(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def run_state(run_dir: Path, now: float | None = None) -> tuple[str, str]:
+    """(state, why): "finished" (results.json exists), "running", or how the run stopped: "interrupted",
+    "failed" (as status.json says), "died" (status.json says running but the process is gone)."""
+    if (run_dir / "results.json").is_file():
+        return "finished", ""
+    idle = (time.time() if now is None else now) - newest_write(run_dir)
+    if not (run_dir / "status.json").is_file():  # runs from before status.json: only the clock tells
+        if idle < STALE_AFTER_S:
+            return "running", f"no status.json; last write {since(idle)} ago"
+        return "died", f"no results.json and nothing written for {since(idle)}"
+    status = read_file(run_dir / "status.json", json.loads)
+    if not isinstance(status, dict):
+        raise UnreadableRun("status.json is not a JSON object")
+    state, pid, host, step = status.get("state"), status.get("pid"), status.get("host"), status.get("step")
+    at_step = f" at step {step}" if step is not None else ""
+    if state == "running":
+        if host == socket.gethostname():
+            if isinstance(pid, int) and pid_alive(pid):
+                return "running", f"pid {pid}{at_step}"
+            return "died", f"status.json says running{at_step}, but pid {pid} is not alive on this host (killed?)"
+        if idle < STALE_AFTER_S:
+            return "running", f"pid {pid} on {host}{at_step}, last write {since(idle)} ago"
+        return "died", f"status.json says running on {host}{at_step}, but nothing written for {since(idle)}"
+    if state in ("interrupted", "failed"):
+        error = f": {status['error']}" if status.get("error") else ""
+        return state, f"{state}{at_step}{error}"
+    return "died", f"status.json says {state!r}{at_step} but there is no results.json"
+
+
+def read_run(run_dir: Path, algorithms: dict[str, frozenset | None], split_by: Sequence[str] = ()) -> Run:
+    """One run directory; raises UnreadableRun (or KeyError, TypeError, ValueError on malformed fields)."""
+    import yaml
+
+    if not (run_dir / "config.yaml").is_file():
+        raise UnreadableRun("no config.yaml")
+    config = read_file(run_dir / "config.yaml", yaml.safe_load)
+    if not isinstance(config, dict):
+        raise UnreadableRun("config.yaml is empty or not a mapping")
+    metrics, latest = read_metrics(run_dir / "metrics.jsonl")
     flow_nll = {name: sorted(metrics[f"flow/{name}_nll"].items()) for name in ("train", "valid")
                 if f"flow/{name}_nll" in metrics}
-    results_path = run_dir / "results.json"
-    if results_path.is_file():
-        results = json.loads(results_path.read_text())
+    state, why = run_state(run_dir)
+    dataset_score = latest.get("dataset_normalized_score")
+    if state == "finished":
+        results = read_file(run_dir / "results.json", json.loads)
+        missing = [key for key in ("algorithm", "dataset") if not isinstance(results, dict) or key not in results]
+        if missing:
+            raise UnreadableRun(f"results.json has no {' or '.join(missing)}")
         algorithm, dataset = results["algorithm"], results["dataset"]
         evaluations = [(int(e["step"]), float(e["normalized_score"])) for e in results.get("evaluations", [])]
         score = results.get("last10_mean_normalized_score")
-        finished = True
+        if isinstance(results.get("dataset_normalized_score"), (int, float)):
+            dataset_score = results["dataset_normalized_score"]
+        updated = (run_dir / "results.json").stat().st_mtime
     else:
         algorithm = infer_algorithm(run_dir, config, algorithms)
         if algorithm is None:
-            warnings.warn(f"{run_dir}: no results.json and the algorithm cannot be inferred "
-                          f"(neither the directory name nor config.yaml's fields name one); skipped")
-            return None
+            raise UnreadableRun("no results.json and the algorithm cannot be inferred "
+                                "(neither the directory name nor config.yaml's fields name one)")
         dataset = Path(config["dataset_path"]).stem if config.get("dataset_path") else config.get("env")
         if dataset is None:
-            warnings.warn(f"{run_dir}: config.yaml names no env or dataset_path; skipped")
-            return None
+            raise UnreadableRun("config.yaml names no env or dataset_path")
         evaluations = sorted(metrics.get("eval/normalized_score", {}).items())
         score = float(np.mean([s for _, s in evaluations[-10:]])) if evaluations else None
-        finished = False
+        updated = newest_write(run_dir)
     for key in split_by:  # e.g. latent_clip: one column per value
         if key in config:
             algorithm = f"{algorithm}[{key}={config[key]}]"
-    return Run(path=run_dir, algorithm=algorithm, dataset=dataset, seed=config.get("seed"), finished=finished,
-               score=None if score is None else float(score), evaluations=evaluations, flow_nll=flow_nll, config=config)
+    return Run(path=run_dir, algorithm=algorithm, dataset=dataset, seed=config.get("seed"), state=state,
+               score=None if score is None else float(score), evaluations=evaluations, flow_nll=flow_nll,
+               config=config, why=why, updated=updated,
+               dataset_score=None if dataset_score is None else float(dataset_score))
 
 
-def find_runs(roots: Sequence[str], finished_only: bool = False, split_by: Sequence[str] = ()) -> List[Run]:
+def find_runs(roots: Sequence[str], split_by: Sequence[str] = ()) -> tuple[list[Run], list[tuple[Path, str]]]:
+    """Every readable run directory under `roots`, and (directory, reason) for each unreadable one, which
+    is also reported on stderr in one `warning:` line."""
     algorithms = known_algorithms()
-    runs = []
+    runs, skipped, seen = [], [], set()
     for root in roots:
         if not Path(root).is_dir():
             raise SystemExit(f"error: {root} is not a directory")
         for directory, subdirs, files in os.walk(root):
             subdirs[:] = sorted(d for d in subdirs if d != "wandb" and not d.startswith("."))
-            if "results.json" in files or "config.yaml" in files:
-                run = read_run(Path(directory), algorithms, split_by)
-                if run is not None and (run.finished or not finished_only):
-                    runs.append(run)
-    return runs
+            if ("results.json" in files or "config.yaml" in files) and Path(directory).resolve() not in seen:
+                seen.add(Path(directory).resolve())  # roots may overlap
+                try:
+                    runs.append(read_run(Path(directory), algorithms, split_by))
+                except (UnreadableRun, KeyError, TypeError, ValueError, OSError) as error:
+                    reason = str(error) if isinstance(error, UnreadableRun) else f"malformed ({error!r})"
+                    print(f"warning: skipped run directory {directory}: {reason}", file=sys.stderr)
+                    skipped.append((Path(directory), reason))
+    return runs, skipped
+
+
+def select_runs(runs: Sequence[Run], finished_only: bool = False) -> tuple[list[Run], list[tuple[Run, str]]]:
+    """The runs the tables count, one per (dataset, algorithm, seed), and (run, reason) for the others:
+    runs that stopped without results (died, interrupted, failed), runs in progress under --finished_only,
+    and the older runs of a seed that has several (the newest finished one counts, else the newest)."""
+    left_out: list[tuple[Run, str]] = []
+    by_seed: dict[tuple, list[Run]] = defaultdict(list)
+    for run in runs:
+        if run.state in STOPPED_STATES:
+            script = run.algorithm.split("[")[0]
+            resume = f"`python algorithms/{script}.py --resume {run.path}`"
+            left_out.append((run, f"{run.why}; continue it with {resume}"))
+        elif finished_only and not run.finished:
+            left_out.append((run, "in progress (--finished_only)"))
+        else:  # a run without a seed in config.yaml is its own seed
+            by_seed[(run.dataset, run.algorithm, run.seed if run.seed is not None else str(run.path))].append(run)
+    counted = []
+    for (dataset, algorithm, seed), group in by_seed.items():
+        keep = max(group, key=lambda r: (r.finished, r.updated))
+        counted.append(keep)
+        kind = "finished run" if keep.finished else "run"
+        reason = (f"seed {seed} of {algorithm} on {dataset} again: the seed counts once, "
+                  f"as {keep.path} (its newest {kind})")
+        left_out += [(run, reason) for run in group if run is not keep]
+    return sorted(counted, key=lambda r: str(r.path)), sorted(left_out, key=lambda item: str(item[0].path))
 
 
 # ---- Statistics --------------------------------------------------------------------------------------
-def group_runs(runs: Sequence[Run]) -> Dict[Tuple[str, str], List[Run]]:
-    groups: Dict[Tuple[str, str], List[Run]] = defaultdict(list)
+def group_runs(runs: Sequence[Run]) -> dict[tuple[str, str], list[Run]]:
+    groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
     for run in runs:
         groups[(run.dataset, run.algorithm)].append(run)
     return dict(groups)
 
 
-def mean_std(values: Sequence[float]) -> Tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and population std (ddof = 0) over seeds."""
     return float(np.mean(values)), float(np.std(values))
 
 
-def aligned_curve(series: Sequence[Sequence[Tuple[int, float]]]) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def dataset_averages(runs: Sequence[Run]) -> dict[str, float]:
+    """dataset -> its episodes' mean normalised return, as the runs on it record it (their mean)."""
+    known: dict[str, list[float]] = defaultdict(list)
+    for run in runs:
+        if run.dataset_score is not None:
+            known[run.dataset].append(run.dataset_score)
+    return {dataset: float(np.mean(values)) for dataset, values in known.items()}
+
+
+def aligned_curve(series: Sequence[Sequence[tuple[int, float]]]
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per step in the union of the runs' steps: mean, std and count over the runs that have it."""
-    by_step: Dict[int, List[float]] = defaultdict(list)
+    by_step: dict[int, list[float]] = defaultdict(list)
     for points in series:
         for step, value in points:
             by_step[step].append(value)
@@ -240,8 +408,8 @@ def file_safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
-def plot_bands(ax, curves: Dict[str, Sequence[Sequence[Tuple[int, float]]]], linestyle: str = "-",
-               colors: Optional[Dict[str, str]] = None, suffix: str = "") -> None:
+def plot_bands(ax, curves: dict[str, Sequence[Sequence[tuple[int, float]]]], linestyle: str = "-",
+               colors: dict[str, str] | None = None, suffix: str = "") -> None:
     for label, series in curves.items():
         steps, mean, std, _ = aligned_curve(series)
         if len(steps) == 0:
@@ -251,13 +419,26 @@ def plot_bands(ax, curves: Dict[str, Sequence[Sequence[Tuple[int, float]]]], lin
         ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
 
 
-def write_figures(groups: Dict[Tuple[str, str], List[Run]], out: Path) -> Dict[str, Dict[str, str]]:
+def save_figure(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
+
+
+def write_figures(groups: dict[tuple[str, str], list[Run]], out: Path,
+                  averages: dict[str, float] | None = None) -> dict[str, dict[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figures: Dict[str, Dict[str, str]] = {"learning_curves": {}, "flow_nll": {}}
+    figures: dict[str, dict[str, str]] = {"learning_curves": {}, "flow_nll": {}}
     datasets = sorted({dataset for dataset, _ in groups})
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for dataset in datasets:
@@ -268,14 +449,12 @@ def write_figures(groups: Dict[Tuple[str, str], List[Run]], out: Path) -> Dict[s
         if curves:  # Fig. 4
             fig, ax = plt.subplots(figsize=(6, 4))
             plot_bands(ax, curves, colors=colors)
-            ax.set(xlabel="training step", ylabel="normalised score", title=f"{dataset}: learning curves (mean ± std)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-            fig.tight_layout()
-            path = out / f"learning_curves_{file_safe(dataset)}.png"
-            fig.savefig(path, dpi=100)
-            plt.close(fig)
-            figures["learning_curves"][dataset] = path.name
+            if (averages or {}).get(dataset) is not None:
+                ax.axhline(averages[dataset], color="gray", linestyle=":",
+                           label=f"dataset average ({averages[dataset]:.1f})")
+            figures["learning_curves"][dataset] = save_figure(
+                fig, ax, "training step", "normalised score", f"{dataset}: learning curves (mean ± std)",
+                out / f"learning_curves_{file_safe(dataset)}.png")
         nll = {kind: {a: [r.flow_nll[kind] for r in groups[(dataset, a)] if r.flow_nll.get(kind)] for a in algorithms}
                for kind in ("train", "valid")}
         nll = {kind: {a: s for a, s in per.items() if s} for kind, per in nll.items()}
@@ -283,14 +462,9 @@ def write_figures(groups: Dict[Tuple[str, str], List[Run]], out: Path) -> Dict[s
             fig, ax = plt.subplots(figsize=(6, 4))
             plot_bands(ax, nll["train"], "--", colors, " train")
             plot_bands(ax, nll["valid"], "-", colors, " valid")
-            ax.set(xlabel="flow step", ylabel="negative log-likelihood", title=f"{dataset}: flow NLL (mean ± std)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-            fig.tight_layout()
-            path = out / f"flow_nll_{file_safe(dataset)}.png"
-            fig.savefig(path, dpi=100)
-            plt.close(fig)
-            figures["flow_nll"][dataset] = path.name
+            figures["flow_nll"][dataset] = save_figure(
+                fig, ax, "flow step", "negative log-likelihood", f"{dataset}: flow NLL (mean ± std)",
+                out / f"flow_nll_{file_safe(dataset)}.png")
     return figures
 
 
@@ -303,48 +477,102 @@ def score_cell(runs: Sequence[Run]) -> str:
     return f"{mean:.2f} ± {std:.2f} ({len(scores)}){running}"
 
 
-def write_report(runs: Sequence[Run], out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    groups = group_runs(runs)
+def results_table(groups: dict[tuple[str, str], list[Run]], averages: dict[str, float]) -> list[str]:
+    """Markdown rows: per algorithm our cell, then the paper's number where it reports any on these
+    datasets; a last column with the dataset's average score where any is known."""
     datasets = sorted({d for d, _ in groups})
     algorithms = sorted({a for _, a in groups})
-    figures = write_figures(groups, out)
-
-    lines = ["# Results", "",
-             "Normalised score: mean ± std (population, ddof = 0) over seeds of each run's mean of its last 10 "
-             "evaluations; (n) = seeds; `*` = includes runs in progress (score so far).", ""]
-    lines += ["| dataset | " + " | ".join(algorithms) + " |", "|---|" + "---|" * len(algorithms)]
+    with_paper = {a for a in algorithms if any(paper_score(a, d) for d in datasets)}
+    header = [name for a in algorithms for name in ([a, f"{a} (paper)"] if a in with_paper else [a])]
+    header += ["dataset average"] if averages else []
+    lines = ["| dataset | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
     for dataset in datasets:
-        cells = [score_cell(groups.get((dataset, a), [])) for a in algorithms]
+        cells = []
+        for a in algorithms:
+            cells.append(score_cell(groups.get((dataset, a), [])))
+            if a in with_paper:
+                cells.append(paper_score(a, dataset) or "-")
+        if averages:
+            cells.append(f"{averages[dataset]:.2f}" if dataset in averages else "-")
         lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
-    in_paper = [(d, paper_dataset_name(d)) for d in datasets if paper_dataset_name(d)]
+    return lines
+
+
+def write_report(runs: Sequence[Run], out: Path, left_out: Sequence[tuple[Run, str]] = (),
+                 skipped: Sequence[tuple[Path, str]] = ()) -> Path:
+    """report.md, the PNGs and summary.json from the counted runs (select_runs), the runs left out and
+    the unreadable directories (find_runs)."""
+    out.mkdir(parents=True, exist_ok=True)
+    groups = group_runs(runs)
+    averages = dataset_averages(runs)
+    figures = write_figures(groups, out, averages)
+
+    table = results_table(groups, averages)
+    legend = ("Normalised score: mean ± std (population, ddof = 0) over seeds of each run's mean of its last 10 "
+              "evaluations; (n) = the number of distinct seeds in the cell (several runs of one seed count once: "
+              "its newest finished run); `*` = includes runs in progress (score so far).")
+    if "(paper) |" in table[0]:
+        legend += " `<algorithm> (paper)`: the CNF paper's Table 1 (SfBC: its own paper)."
+    if averages:
+        legend += " dataset average: the mean normalised return of the dataset's own episodes."
+    lines = ["# Results", "", legend, "", *table]
+    if left_out:
+        lines += ["", f"Left out of the table ({len(left_out)} runs):", ""]
+        lines += [f"- `{run.path}` ({run.algorithm}, {run.dataset}, seed {run.seed}): {reason}"
+                  for run, reason in left_out]
+    if skipped:
+        lines += ["", f"Unreadable run directories, skipped ({len(skipped)}):", ""]
+        lines += [f"- `{path}`: {reason}" for path, reason in skipped]
+    in_paper = sorted({paper_dataset_name(d) for d, _ in groups} & PAPER_TABLE1.keys())
     if in_paper:
         lines += ["", "## Paper, Table 1 (reference)", "",
                   "| dataset | " + " | ".join(PAPER_COLUMNS) + " |", "|---|" + "---|" * len(PAPER_COLUMNS)]
-        lines += [f"| {paper} | " + " | ".join(PAPER_TABLE1[paper]) + " |" for _, paper in in_paper]
+        lines += [f"| {paper} | " + " | ".join(PAPER_TABLE1[paper]) + " |" for paper in in_paper]
     for title, kind in (("Learning curves (Fig. 4)", "learning_curves"), ("Flow NLL (Fig. 8)", "flow_nll")):
         if figures[kind]:
             lines += ["", f"## {title}", ""] + [f"![{d}]({name})" for d, name in sorted(figures[kind].items())]
-    lines += ["", "## Runs", "", "| run | algorithm | dataset | seed | status | evaluations | last step | score |",
-              "|---|---|---|---|---|---|---|---|"]
-    for run in sorted(runs, key=lambda r: (r.dataset, r.algorithm, str(r.seed), str(r.path))):
+    lines += ["", "## Runs", "",
+              "| run | algorithm | dataset | seed | state | counted | evaluations | last evaluation | score |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    listed = [(run, True) for run in runs] + [(run, False) for run, _ in left_out]
+    for run, counted in sorted(listed, key=lambda item: (item[0].dataset, item[0].algorithm, str(item[0].seed),
+                                                          str(item[0].path))):
         last = run.evaluations[-1][0] if run.evaluations else "-"
         score = f"{run.score:.2f}" if run.score is not None else "-"
-        lines.append(f"| {run.path} | {run.algorithm} | {run.dataset} | {run.seed} | "
-                     f"{'done' if run.finished else 'running'} | {len(run.evaluations)} | {last} | {score} |")
+        state = run.state if run.finished or not run.why else f"{run.state} ({run.why})"
+        lines.append(f"| {run.path} | {run.algorithm} | {run.dataset} | {run.seed} | {state} | "
+                     f"{'yes' if counted else 'no'} | {len(run.evaluations)} | {last} | {score} |")
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
 
-    summary = {f"{d}|{a}": {"dataset": d, "algorithm": a, "scores": [r.score for r in rs if r.score is not None],
-                            "seeds": [r.seed for r in rs], "running": sum(not r.finished for r in rs),
-                            **dict(zip(("mean", "std"), mean_std([r.score for r in rs if r.score is not None])
-                                       if any(r.score is not None for r in rs) else (None, None)))}
-               for (d, a), rs in sorted(groups.items())}
-    (out / "summary.json").write_text(json.dumps({"groups": summary, "figures": figures}, indent=1))
+    summary = {}
+    for (d, a), rs in sorted(groups.items()):
+        scores = [r.score for r in rs if r.score is not None]
+        mean, std = mean_std(scores) if scores else (None, None)
+        summary[f"{d}|{a}"] = {"dataset": d, "algorithm": a, "scores": scores, "seeds": [r.seed for r in rs],
+                               "running": sum(not r.finished for r in rs), "mean": mean, "std": std,
+                               "paper": paper_score(a, d), "dataset_normalized_score": averages.get(d)}
+    (out / "summary.json").write_text(json.dumps({
+        "groups": summary, "figures": figures,
+        "left_out": [{"path": str(run.path), "state": run.state, "reason": reason} for run, reason in left_out],
+        "skipped": [{"path": str(p), "reason": reason} for p, reason in skipped]}, indent=1))
     return path
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Path:
+def make_report(roots: Sequence[str], out: str, finished_only: bool = False, split_by: Sequence[str] = ()) -> Path:
+    """Read, select and write (find_runs, select_runs, write_report); print the table and what was left out."""
+    runs, skipped = find_runs(roots, split_by)
+    if not runs:
+        where = ", ".join(map(str, roots))
+        raise SystemExit(f"error: no readable run directories under {where} ({len(skipped)} skipped, see above)"
+                         if skipped else f"error: no run directories (with results.json or config.yaml) under {where}")
+    counted, left_out = select_runs(runs, finished_only)
+    path = write_report(counted, Path(out), left_out, skipped)
+    print(path.read_text().split("\n## ")[0].rstrip())  # the table, then what was left out
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("roots", nargs="+", help="folders holding run directories (searched recursively)")
     parser.add_argument("--out", default="report", help="output folder for report.md, PNGs and summary.json")
@@ -352,10 +580,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     parser.add_argument("--split_by", nargs="*", default=[],
                         help="config.yaml fields whose value is appended to the algorithm (e.g. latent_clip)")
     args = parser.parse_args(argv)
-    runs = find_runs(args.roots, args.finished_only, args.split_by)
-    if not runs:
-        raise SystemExit(f"error: no run directories (with results.json or config.yaml) under {', '.join(args.roots)}")
-    return write_report(runs, Path(args.out))
+    return make_report(args.roots, args.out, args.finished_only, args.split_by)
 
 
 if __name__ == "__main__":

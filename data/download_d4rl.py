@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
+import re
 import sys
 import urllib.error
 import urllib.parse
@@ -36,12 +37,25 @@ from tqdm import tqdm
 DEFAULT_BASE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
 REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
 CHUNK_BYTES = 1 << 20
+# ---- [block: d4rl names | copied from cnf.py] ----
+D4RL_LOCOMOTION = re.compile(r"^(halfcheetah|hopper|walker2d)-"
+                             r"(random|medium|medium-replay|medium-expert|expert|full-replay)-v2$")
+D4RL_MAZE2D = re.compile(r"^maze2d-(umaze|medium|large)-v1$")
+
+
+def d4rl_filename(name: str) -> str:
+    """The file name d4rl caches a dataset under (the basename of its URL)."""
+    if D4RL_MAZE2D.match(name):
+        return name.replace("-v1", "-sparse-v1") + ".hdf5"
+    env, level = name[: -len("-v2")].split("-", 1)
+    return f"{env}_{level.replace('-', '_')}-v2.hdf5"
+# ---- [end block: d4rl names] ----
 # name -> path under the base URL, as in d4rl's infos.py.
 DATASETS = {
-    **{f"{env}-{level}-v2": f"gym_mujoco_v2/{env}_{level.replace('-', '_')}-v2.hdf5"
-       for env in ("halfcheetah", "hopper", "walker2d")
-       for level in ("random", "medium", "medium-replay", "medium-expert", "expert", "full-replay")},
-    **{f"maze2d-{size}-v1": f"maze2d/maze2d-{size}-sparse-v1.hdf5" for size in ("umaze", "medium", "large")},
+    name: ("gym_mujoco_v2/" if D4RL_LOCOMOTION.match(name) else "maze2d/") + d4rl_filename(name)
+    for name in [f"{env}-{level}-v2" for env in ("halfcheetah", "hopper", "walker2d")
+                 for level in ("random", "medium", "medium-replay", "medium-expert", "expert", "full-replay")]
+    + [f"maze2d-{size}-v1" for size in ("umaze", "medium", "large")]
 }
 
 

@@ -35,12 +35,15 @@ GENERATOR_VERSION = "1"
 POLICY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "policies")
 LEVELS = ("random", "medium", "medium-replay", "expert", "medium-expert")
 MAX_EPISODE_STEPS = 1000  # Gymnasium's time limit for HalfCheetah, Hopper and Walker2d v5
-# D4RL's reference returns (min = random policy, max = expert), used for normalised scores.
-REFERENCE_SCORES = {
-    "HalfCheetah-v5": (-280.178953, 12135.0),
-    "Hopper-v5": (-20.272305, 3234.3),
-    "Walker2d-v5": (1.629008, 4592.3),
+# ---- [block: d4rl scores | copied from cnf.py] ----
+D4RL_REF_SCORES = {  # D4RL's (random, expert) returns: normalised score = 100 (R - min) / (max - min)
+    "halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3),
+    "maze2d-umaze": (23.85, 161.86), "maze2d-medium": (13.13, 277.39), "maze2d-large": (6.7, 273.99),
 }
+GYMNASIUM_IDS = {"halfcheetah": "HalfCheetah", "hopper": "Hopper", "walker2d": "Walker2d"}
+# ---- [end block: d4rl scores] ----
+# D4RL's reference returns (min = random policy, max = expert), used for normalised scores.
+REFERENCE_SCORES = {f"{name}-v5": D4RL_REF_SCORES[key] for key, name in GYMNASIUM_IDS.items()}
 
 
 def normalized_score(env_id: str, episode_return):
@@ -215,6 +218,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="default: ./<env>-<level>-gymv5.hdf5")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args()
+    if args.num_steps < 1 or args.num_envs < 1:
+        parser.error("--num_steps and --num_envs must be at least 1")
     out = args.out or f"{dataset_name(args.env, args.level)}.hdf5"
     start = time.time()
     generate(args.env, args.level, args.num_steps, args.seed, out, args.num_envs, not args.no_progress)
@@ -227,10 +232,12 @@ def main() -> None:
     starts = np.concatenate([[0], ends[:-1] + 1])
     # Whole episodes only: each environment's last episode is cut by --num_steps, not by the time limit.
     whole = terminals[ends] | (ends - starts + 1 == MAX_EPISODE_STEPS)
-    returns = np.add.reduceat(rewards, starts)[whole]
+    returns = np.add.reduceat(rewards, starts)[whole] if len(ends) else np.zeros(0)
+    summary = (f"return {returns.mean():.1f} +- {returns.std():.1f}, normalised "
+               f"{normalized_score(args.env, returns.mean()):.1f}" if len(returns)
+               else "no whole episode yet, so no return to report (raise --num_steps)")
     print(f"wrote {out}: {n} transitions in {time.time() - start:.1f} s, {len(returns)} whole episodes "
-          f"(of {len(ends)}), return {returns.mean():.1f} +- {returns.std():.1f}, "
-          f"normalised {normalized_score(args.env, returns.mean()):.1f}", file=sys.stderr)
+          f"(of {len(ends)}), {summary}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -138,8 +138,8 @@ def main() -> None:
                 entry = {"step": self.num_timesteps, "return_mean": float(returns.mean()),
                          "return_std": float(returns.std()), "normalized": score}
                 target = MEDIUM_TARGETS[args.env]
-                if args.confirm_episodes and (not evaluations or
-                                              abs(score - target) < abs(medium_score(closest_to(evaluations, target)) - target)):
+                best_so_far = medium_score(closest_to(evaluations, target)) if evaluations else None
+                if args.confirm_episodes and (best_so_far is None or abs(score - target) < abs(best_so_far - target)):
                     # A few noisy episodes that happen to land on the target are no proof (the winner's
                     # curse): a would-be medium snapshot is re-measured on more episodes before it is kept.
                     confirm = evaluate(args.env, state, args.confirm_episodes, seed=20_000 + self.num_timesteps)

@@ -1,4 +1,5 @@
 """algorithms/awac.py: advantage weights, the actor and critic updates, the run loop."""
+import copy
 import json
 import math
 from dataclasses import replace
@@ -42,7 +43,7 @@ def test_actor_loss_is_the_weighted_log_likelihood_with_the_updated_critics():
     torch.manual_seed(1)
     metrics = agent.train(batch)
     # by hand, with the critics as they are now (after the update's critic step)
-    policy = awac.GaussianPolicy(4, 3, 32, 3, -20.0, 2.0)
+    policy = awac.GaussianPolicy(4, 3, 32, 3, -20.0, 2.0, tanh_mean=False)
     policy.load_state_dict(actor_before)
     torch.manual_seed(1)
     torch.randn(256, 3)  # the critic target's sample a' ~ pi(. | s')
@@ -103,7 +104,7 @@ def test_policy_moves_toward_high_advantage_actions():
 
 def test_policy_log_density_samples_and_actions():
     torch.manual_seed(0)
-    policy = awac.GaussianPolicy(4, 3, 16, 3, -20.0, 2.0)
+    policy = awac.GaussianPolicy(4, 3, 16, 3, -20.0, 2.0, tanh_mean=False)  # CORL's AWAC: unsquashed mean
     with torch.no_grad():
         policy.log_std.copy_(torch.tensor([-1.0, 0.0, 5.0]))  # 5 is clamped to 2
         policy.net[-1].bias.copy_(torch.tensor([3.0, 0.0, -3.0]))  # means outside the box
@@ -113,6 +114,20 @@ def test_policy_log_density_samples_and_actions():
     samples = policy.sample(states)
     assert samples.abs().max() <= 1.0 and (samples[:, 0] == 1.0).float().mean() > 0.9  # clamped to the box
     assert (policy.deterministic(states)[:, 0] == 1.0).all() and (policy.deterministic(states)[:, 2] == -1.0).all()
+
+
+def test_amp_runs_the_hidden_layers_in_bfloat16_and_returns_float32():
+    torch.manual_seed(0)
+    agent = awac.AWAC(4, 3, tiny_config(amp=True))
+    states, actions = torch.randn(64, 4), torch.rand(64, 3) * 1.8 - 0.9
+    metrics = agent.train((states, actions, torch.randn(64, 1), torch.randn(64, 4), torch.zeros(64, 1)))
+    assert all(torch.isfinite(v).all() for v in metrics.values())
+    float32_actor = copy.deepcopy(agent.actor)
+    float32_actor.amp = False
+    with torch.no_grad():
+        mean, exact = agent.actor.mean(states), float32_actor.mean(states)
+        assert mean.dtype == torch.float32 and agent.critic(states, actions).dtype == torch.float32
+    assert 0 < (mean - exact).abs().max() < 0.05  # bfloat16 rounding, nothing more
 
 
 @pytest.mark.parametrize("family, fields", [
@@ -145,8 +160,10 @@ def test_end_to_end_run_writes_what_it_promises(tmp_path, tiny_hdf5):
     assert (results["reward_scaling"], results["reward_scale"], results["reward_shift"]) == ("none", 1.0, 0.0)
     assert "awac_lambda: 0.25" in (run / "config.yaml").read_text()
     checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert checkpoint["step"] == 40 and set(checkpoint["agent"]) >= {"actor", "critic", "target_critic"}
-    assert np.isfinite([json.loads(line).get("critic_loss", 0.0) for line in (run / "metrics.jsonl").read_text().splitlines()]).all()
+    assert (checkpoint["phase"], checkpoint["step"]) == ("rl", 40)
+    assert set(checkpoint["agent"]) >= {"actor", "critic", "target_critic"}
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert np.isfinite([json.loads(line).get("critic_loss", 0.0) for line in lines]).all()
 
 
 def test_resume_after_a_stop_matches_an_uninterrupted_run(tmp_path, tiny_hdf5, monkeypatch):

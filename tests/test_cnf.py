@@ -1,6 +1,7 @@
 """algorithms/cnf.py: the flow's mathematics, both training phases, the run loop, and bad input."""
 import copy
 import json
+import time
 from dataclasses import replace
 
 import h5py
@@ -94,8 +95,8 @@ class _Logger:
     def __init__(self):
         self.rows = []
 
-    def log(self, metrics, step):
-        self.rows.append({"step": step, **metrics})
+    def log(self, metrics, step, phase="rl"):
+        self.rows.append({"step": step, "phase": phase, **metrics})
 
 
 def test_pretraining_keeps_the_best_validation_flow(tmp_path, monkeypatch):
@@ -110,12 +111,17 @@ def test_pretraining_keeps_the_best_validation_flow(tmp_path, monkeypatch):
         return next(scripted)
 
     monkeypatch.setattr(cnf.FlowPretrainer, "validation_nll", scripted_validation)
-    flow = cnf.pretrain_flow(tiny_config(), buffer, tmp_path, _Logger(), None)
+    run = cnf.Run(tiny_config(), data, tmp_path, None, _Logger(), time.time())
+    flow = cnf.pretrain_flow(tiny_config(), buffer, run, None)
     kept = flow.state_dict()
+    assert [(row["phase"], row["step"]) for row in run.logger.rows] == [("flow", 50), ("flow", 100), ("flow", 150),
+                                                                        ("flow", 200)]
     assert all(torch.equal(kept[k], seen[1][k]) for k in kept)  # the step whose validation NLL was 1.0
     assert not all(torch.equal(kept[k], seen[-1][k]) for k in kept)
     saved = torch.load(tmp_path / "flow.pt", weights_only=True)
     assert saved["best_valid_nll"] == 1.0 and all(torch.equal(saved["flow"][k], kept[k]) for k in kept)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # the run's phase-1 checkpoint
+    assert (checkpoint["phase"], checkpoint["step"], checkpoint["best_valid_nll"]) == ("flow", 200, 1.0)
 
 
 def test_critics_learn_a_known_value():
@@ -168,7 +174,8 @@ TINY_FLAGS = TINY_FLOW_RUN_FLAGS
 
 
 def test_end_to_end_run_writes_what_it_promises(tmp_path, tiny_hdf5):
-    proc = run_script("--dataset_path", tiny_hdf5, "--checkpoints_path", str(tmp_path), "--run_name", "run", *TINY_FLAGS)
+    proc = run_script("--dataset_path", tiny_hdf5, "--checkpoints_path", str(tmp_path), "--run_name", "run",
+                      *TINY_FLAGS)
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "run"
     assert proc.stdout.strip().splitlines()[-1].endswith(str(run / "results.json"))
@@ -210,12 +217,16 @@ def _bad(tmp_path, name, mutate):
 BAD_INPUTS = {
     "unknown env": lambda tmp: ["--env", "no-such-dataset-v9"],
     "missing file": lambda tmp: ["--dataset_path", str(tmp / "missing.hdf5")],
-    "corrupt file": lambda tmp: ["--dataset_path", str((tmp / "corrupt.hdf5").write_bytes(b"\x00garbage" * 512) and tmp / "corrupt.hdf5")],
-    "NaN rows": lambda tmp: ["--dataset_path", _bad(tmp, "nan", lambda f: f["observations"].__setitem__((5, 2), np.nan))],
-    "actions outside the box": lambda tmp: ["--dataset_path", _bad(tmp, "box", lambda f: f["actions"].__setitem__((7, 1), 1.5))],
+    "corrupt file": lambda tmp: ["--dataset_path", str((tmp / "corrupt.hdf5").write_bytes(b"\x00garbage" * 512)
+                                                       and tmp / "corrupt.hdf5")],
+    "NaN rows": lambda tmp: ["--dataset_path",
+                             _bad(tmp, "nan", lambda f: f["observations"].__setitem__((5, 2), np.nan))],
+    "actions outside the box": lambda tmp: ["--dataset_path",
+                                            _bad(tmp, "box", lambda f: f["actions"].__setitem__((7, 1), 1.5))],
     "mismatched dims": lambda tmp: ["--dataset_path", write_tiny_hdf5(tmp / "dims.hdf5", obs_dim=5)],
     "missing keys": lambda tmp: ["--dataset_path", _bad(tmp, "keys", lambda f: f.__delitem__("timeouts"))],
-    "wrong row count": lambda tmp: ["--dataset_path", _bad(tmp, "rows", lambda f: (f.__delitem__("rewards"), f.create_dataset("rewards", data=np.zeros(10))))],
+    "wrong row count": lambda tmp: ["--dataset_path", _bad(tmp, "rows", lambda f: (
+        f.__delitem__("rewards"), f.create_dataset("rewards", data=np.zeros(10))))],
 }
 
 

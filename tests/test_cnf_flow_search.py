@@ -51,7 +51,8 @@ def test_the_winner_has_the_lowest_validation_nll_and_loads_with_flow_checkpoint
     # Scripted draws, so that the best trial (highest learning rate) is not the last one.
     monkeypatch.setattr(search_module, "draw_trials", lambda config, n: SCRIPTED[:n])
     out = tmp_path / "flows" / "best.pt"
-    summary = json.loads(search_module.search(tiny_search(tiny_hdf5, tmp_path, out=str(out), keep_trial_flows=True)).read_text())
+    config = tiny_search(tiny_hdf5, tmp_path, out=str(out), keep_trial_flows=True)
+    summary = json.loads(search_module.search(config).read_text())
     rows = summary["trials"]
     assert [(r["trial"], r["lr"], r["batch_size"]) for r in rows] == [(t.index, t.lr, t.batch_size) for t in SCRIPTED]
     for row in rows:  # a trial's score is the best of its validation NLLs, as its flow.pt says
@@ -89,7 +90,7 @@ def test_same_seed_same_search_and_only_the_best_flow_is_kept(tmp_path, tiny_hdf
 
 def test_resume_after_a_stop_matches_an_uninterrupted_search(tmp_path, tiny_hdf5, monkeypatch):
     full = json.loads(search_module.search(tiny_search(tiny_hdf5, tmp_path, run_name="full")).read_text())
-    cnf = search_module.load_flow_script("cnf")
+    cnf = search_module.FLOW_SCRIPTS["cnf"]
     calls, original = {"n": 0}, cnf.FlowPretrainer.train
 
     def stop_in_the_second_trial(self, actions, states):
@@ -115,7 +116,8 @@ def test_resume_after_a_stop_matches_an_uninterrupted_search(tmp_path, tiny_hdf5
 def test_yaml_gives_env_and_flow_sizes_and_flags_override(tmp_path):
     path = ROOT / "algorithms" / "configs" / "cnf" / "hopper-medium-replay-v2.yaml"
     config = search_module.parse_search_config(["--config_path", str(path), "--flow_steps", "7"])
-    assert (config.env, config.flow_layers, config.flow_hidden, config.flow_steps) == ("hopper-medium-replay-v2", 4, 64, 7)
+    assert (config.env, config.flow_layers, config.flow_hidden, config.flow_steps) == \
+        ("hopper-medium-replay-v2", 4, 64, 7)
     assert config.trials is None  # the paper's count for the dataset (50 locomotion, 20 maze2d)
     proc = subprocess.run([sys.executable, str(ROOT / "algorithms" / "cnf_flow_search.py"), "--lr_min", "0"],
                           capture_output=True, text=True, timeout=120)

@@ -64,12 +64,13 @@ def test_the_buffer_samples_latents_row_aligned_with_the_transitions():
     data = lo.OfflineData("toy", rng.normal(size=(500, 11)).astype(np.float32),
                           rng.uniform(-0.9, 0.9, (500, 3)).astype(np.float32), np.zeros(500, np.float32),
                           rng.normal(size=(500, 11)).astype(np.float32), np.zeros(500, np.float32), None, None)
-    buffer = lo.LatentReplayBuffer(data, "cpu")
-    buffer.latents, _ = lo.encode_dataset(flow, buffer.actions, buffer.states)
+    buffer = lo.ReplayBuffer(data, "cpu")
+    latent_buffer = lo.LatentReplayBuffer(buffer, lo.encode_dataset(flow, buffer.actions, buffer.states)[0])
+    assert latent_buffer.state_mean is buffer.state_mean and latent_buffer.state_std is buffer.state_std  # evaluation
     torch.manual_seed(3)
-    states, actions, *rest = lo.ReplayBuffer.sample(buffer, 64)  # the plain buffer's draw
+    states, actions, *rest = buffer.sample(64)  # the plain buffer's draw
     torch.manual_seed(3)
-    latent_states, latents, *latent_rest = buffer.sample(64)  # the same random draw, latents instead
+    latent_states, latents, *latent_rest = latent_buffer.sample(64)  # the same random draw, latents instead
     assert torch.equal(states, latent_states) and all(torch.equal(a, b) for a, b in zip(rest, latent_rest))
     assert torch.allclose(latents, flow.encode(actions, states)[0], atol=1e-6)
 
@@ -134,7 +135,8 @@ def test_critic_target_bootstraps_from_the_policy_latent_at_the_next_state():
     torch.manual_seed(0)
     agent = lo.LatentOnlyCNF(random_flow(3, dtype=torch.float32), 4, 3, tiny_config(gamma=0.5))
     star = torch.tensor([0.5, -0.5, 0.25])
-    agent.target_critic.forward = lambda s, z: (10.0 * (((z - star) ** 2).sum(-1, keepdim=True) < 1e-4)).expand(2, -1, -1)
+    agent.target_critic.forward = lambda s, z: (10.0 * (((z - star) ** 2).sum(-1, keepdim=True) < 1e-4)).expand(
+        2, -1, -1)
     agent.critic.forward = lambda s, z: torch.zeros(2, len(s), 1, requires_grad=True)  # loss = 2 mean(y^2)
     batch = latent_batch(terminal=False)  # r = 1, not done
     for policy_latent, target in ((star, 1.0 + 0.5 * 10.0), (-star, 1.0)):
@@ -168,7 +170,8 @@ TINY_FLAGS = TINY_FLOW_RUN_FLAGS
 
 
 def test_end_to_end_run_writes_what_it_promises(tmp_path, tiny_hdf5):
-    proc = run_script("--dataset_path", tiny_hdf5, "--checkpoints_path", str(tmp_path), "--run_name", "run", *TINY_FLAGS)
+    proc = run_script("--dataset_path", tiny_hdf5, "--checkpoints_path", str(tmp_path), "--run_name", "run",
+                      *TINY_FLAGS)
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "run"
     assert proc.stdout.strip().splitlines()[-1].endswith(str(run / "results.json"))

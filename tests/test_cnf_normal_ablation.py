@@ -187,7 +187,8 @@ def one_error_line(proc):
 
 
 def test_end_to_end_runs_write_what_they_promise(tmp_path, tiny_hdf5):
-    proc = run_script("--dataset_path", tiny_hdf5, "--checkpoints_path", str(tmp_path), "--run_name", "fig5", *TINY_FLAGS)
+    proc = run_script("--dataset_path", tiny_hdf5, "--checkpoints_path", str(tmp_path), "--run_name", "fig5",
+                      *TINY_FLAGS)
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "fig5"
     assert proc.stdout.strip().splitlines()[-1].endswith(str(run / "results.json"))

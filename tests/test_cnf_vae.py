@@ -1,5 +1,6 @@
 """algorithms/cnf_vae.py: CNF's update through PLAS's frozen CVAE decoder (Fig. 7's CNF-VAE)."""
 import json
+import types
 from dataclasses import replace
 
 import numpy as np
@@ -20,7 +21,8 @@ def tiny_config(**overrides):
 
 def test_the_policy_is_cnfs_stretched_to_the_vae_latent_range():
     c = cnf_vae.TrainConfig()
-    assert (c.z_max, c.vae_hidden, c.vae_steps, c.hidden_dim, c.n_layers, c.awac_lambda) == (2.0, 750, 500_000, 256, 4, 1 / 3)
+    assert (c.z_max, c.vae_hidden, c.vae_steps, c.hidden_dim, c.n_layers, c.awac_lambda) == \
+        (2.0, 750, 500_000, 256, 4, 1 / 3)
     torch.manual_seed(0)
     policy = cnf_vae.LatentPolicy(4, 6, 32, 3, z_max=2.0)
     states = torch.randn(4096, 4) * 3
@@ -104,7 +106,7 @@ def test_a_plas_vae_fits_only_when_it_saw_the_same_states(tmp_path, tiny_hdf5):
     buffer = cnf_vae.ReplayBuffer(data, "cpu")
 
     class Quiet:
-        def log(self, metrics, step):
+        def log(self, metrics, step, phase="rl"):
             pass
 
     for normalize in (False, True):
@@ -116,14 +118,16 @@ def test_a_plas_vae_fits_only_when_it_saw_the_same_states(tmp_path, tiny_hdf5):
             plas.use_raw_states(plas_buffer, plas_data)
         run_dir = tmp_path / f"plas-{normalize}"
         run_dir.mkdir()
-        plas_vae = plas.pretrain_vae(plas_config, plas_buffer, run_dir, Quiet(), None)
+        run = types.SimpleNamespace(dir=run_dir, logger=Quiet(), phase="start", step=0)  # what phase 1 uses of a Run
+        plas_vae = plas.pretrain_vae(plas_config, plas_buffer, run, None)
         if not normalize:
             with pytest.raises(SystemExit, match="saw other states"):
                 cnf_vae.load_vae(str(run_dir / "vae.pt"), buffer, "cpu")
         else:
             vae = cnf_vae.load_vae(str(run_dir / "vae.pt"), buffer, "cpu")
             latents = torch.randn(32, vae.latent_dim)
-            assert torch.equal(vae.decode(latents, buffer.states[:32]), plas_vae.decode(latents, plas_buffer.states[:32]))
+            assert torch.equal(vae.decode(latents, buffer.states[:32]),
+                               plas_vae.decode(latents, plas_buffer.states[:32]))
 
 
 def run_script(*args, timeout=600):
@@ -136,7 +140,8 @@ TINY_FLAGS = ["--train_steps", "40", "--eval_every", "20", "--eval_episodes", "2
 
 
 def test_end_to_end_run_writes_what_it_promises(tmp_path, tiny_hdf5):
-    proc = run_script("--dataset_path", tiny_hdf5, "--checkpoints_path", str(tmp_path), "--run_name", "run", *TINY_FLAGS)
+    proc = run_script("--dataset_path", tiny_hdf5, "--checkpoints_path", str(tmp_path), "--run_name", "run",
+                      *TINY_FLAGS)
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "run"
     assert proc.stdout.strip().splitlines()[-1] == f"results: {run / 'results.json'}"
@@ -144,7 +149,8 @@ def test_end_to_end_run_writes_what_it_promises(tmp_path, tiny_hdf5):
     assert results["algorithm"] == "cnf_vae" and [e["step"] for e in results["evaluations"]] == [20, 40]
     assert np.isfinite(results["vae_final_loss"])
     assert "z_max: 2.0" in (run / "config.yaml").read_text()
-    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 40
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert (checkpoint["phase"], checkpoint["step"]) == ("rl", 40)
     assert torch.load(run / "vae.pt", weights_only=True)["sizes"]["latent_dim"] == 6
     # --vae_checkpoint skips phase 1
     proc = run_script("--dataset_path", tiny_hdf5, "--checkpoints_path", str(tmp_path), "--run_name", "reuse",
@@ -166,6 +172,7 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(tmp_path, tiny_hdf5, m
 
 
 def test_quick_preset_loads():
-    quick = cnf_vae.parse_config(cnf_vae.TrainConfig, ["--config_path", str(ROOT / "algorithms/configs/cnf_vae/quick.yaml")])
+    quick = cnf_vae.parse_config(cnf_vae.TrainConfig,
+                                 ["--config_path", str(ROOT / "algorithms/configs/cnf_vae/quick.yaml")])
     assert quick.env == "halfcheetah-medium-gymv5" and quick.train_steps < cnf_vae.TrainConfig().train_steps
     assert quick.vae_steps < cnf_vae.TrainConfig().vae_steps and quick.z_max == 2.0

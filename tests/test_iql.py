@@ -1,4 +1,5 @@
 """algorithms/iql.py: expectile value loss, critics, policy extraction, reward scaling, the run loop."""
+import copy
 import json
 import math
 from dataclasses import replace
@@ -36,7 +37,7 @@ def test_value_step_minimises_the_expectile_loss_with_the_configured_tau(expecti
     states, actions = torch.randn(64, 4), torch.rand(64, 3) * 1.8 - 0.9
     with torch.no_grad():
         residuals = lambda: (agent.target_critic(states, actions).min(0).values - agent.value(states))[:, 0]  # noqa: E731
-        agent.value[-1].bias += residuals().median()  # centre V: residuals of both signs
+        agent.value.net[-1].bias += residuals().median()  # centre V: residuals of both signs
         u = residuals().numpy()
     assert (u > 0).any() and (u < 0).any()  # both branches of the asymmetric loss are exercised
     by_hand = lambda tau: float(np.mean(np.where(u < 0, 1 - tau, tau) * u ** 2))  # noqa: E731
@@ -108,13 +109,30 @@ def test_advantage_weights_are_clamped_exponentials():
 def test_actor_learning_rate_follows_a_cosine_schedule_to_zero():
     agent = iql.IQL(4, 3, tiny_config(actor_lr=1e-3, train_steps=10))
     batch = (torch.randn(8, 4), torch.rand(8, 3) - 0.5, torch.zeros(8, 1), torch.randn(8, 4), torch.zeros(8, 1))
-    lrs = []
+    lrs, logged = [], []
     for _ in range(10):
-        agent.train(batch)
+        logged.append(agent.train(batch)["actor_lr"].item())  # the learning rate of the next update, logged
         lrs.append(agent.actor_optimizer.param_groups[0]["lr"])
     want = [1e-3 * (1 + math.cos(math.pi * k / 10)) / 2 for k in range(1, 11)]
-    assert lrs == pytest.approx(want, abs=1e-9)
+    assert lrs == pytest.approx(want, abs=1e-9) and logged == lrs
     assert agent.critic_optimizer.param_groups[0]["lr"] == 3e-4  # only the actor is annealed
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_amp_runs_the_hidden_layers_in_bfloat16_and_returns_float32(deterministic):
+    torch.manual_seed(0)
+    agent = iql.IQL(4, 3, tiny_config(amp=True, deterministic_policy=deterministic))
+    states, actions = torch.randn(64, 4), torch.rand(64, 3) * 1.8 - 0.9
+    metrics = agent.train((states, actions, torch.randn(64, 1), torch.randn(64, 4), torch.zeros(64, 1)))
+    assert all(torch.isfinite(v).all() for v in metrics.values())
+    float32_actor, float32_value = copy.deepcopy(agent.actor), copy.deepcopy(agent.value)
+    float32_actor.amp = float32_value.amp = False
+    with torch.no_grad():
+        for amp_out, exact in [(agent.act(states), float32_actor.deterministic(states)),
+                               (agent.value(states), float32_value(states))]:
+            assert amp_out.dtype == torch.float32
+            assert 0 < (amp_out - exact).abs().max() < 0.05  # bfloat16 rounding, nothing more
+        assert agent.critic(states, actions).dtype == torch.float32
 
 
 def test_gaussian_log_density_matches_torch_distributions():
@@ -133,7 +151,7 @@ def toy_data(name="hopper-medium-v2"):
 
 def test_episode_returns_follow_the_files_episode_boundaries():
     # kept rows 0, 1, 2 | 3, 4 | 6 (the timeout row 5 and the last row 7 are dropped by the conversion)
-    np.testing.assert_array_equal(iql.episode_returns(toy_data()), [0 + 1 + 2, 3 + 4, 6])
+    np.testing.assert_array_equal(iql.converted_episode_returns(toy_data()), [0 + 1 + 2, 3 + 4, 6])
 
 
 @pytest.mark.parametrize("name, scaling, scale, shift", [
@@ -218,4 +236,5 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(tmp_path, tiny_hdf5, m
     resumed_agent = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["agent"]
     for net in ("actor", "critic", "target_critic", "value"):
         assert all(torch.equal(full_agent[net][k], resumed_agent[net][k]) for k in full_agent[net])
-    assert resumed_agent["actor_optimizer"]["param_groups"][0]["lr"] == full_agent["actor_optimizer"]["param_groups"][0]["lr"]
+    lr = lambda agent: agent["actor_optimizer"]["param_groups"][0]["lr"]  # noqa: E731
+    assert lr(resumed_agent) == lr(full_agent)

@@ -1,4 +1,5 @@
 """algorithms/plas.py: the CVAE, the latent box, BCQ's soft clipped double-Q target, both phases, the loop."""
+import copy
 import json
 from dataclasses import replace
 
@@ -96,7 +97,8 @@ def test_target_is_lambda_min_plus_one_minus_lambda_max_at_the_target_actors_act
         return torch.stack([q1, q2])  # [2, B, 1]
 
     agent.target_critic.forward = scripted
-    rewards, dones, next_states = torch.tensor([[0.5], [-1.0], [2.0], [0.0]]), torch.tensor([[0.0], [0.0], [1.0], [0.0]]), torch.randn(4, 4)
+    rewards, dones = torch.tensor([[0.5], [-1.0], [2.0], [0.0]]), torch.tensor([[0.0], [0.0], [1.0], [0.0]])
+    next_states = torch.randn(4, 4)
     target = agent.target_values(rewards, next_states, dones)
     # 0.75 min + 0.25 max: 1.75, 2.75, (terminal), 3.0
     expected = torch.tensor([[0.5 + 0.9 * 1.75], [-1.0 + 0.9 * 2.75], [2.0], [0.9 * 3.0]])
@@ -120,6 +122,22 @@ def test_each_critic_learns_a_known_value():
     assert (((q - 1.0) ** 2).mean(dim=(1, 2)) < 0.05 * first).all()
     assert ((q - 1.0).abs().mean(dim=(1, 2)) < 0.05).all()
     assert torch.allclose(agent.critic.q1(states, actions), q[0], atol=1e-5)
+
+
+def test_amp_runs_actor_and_critics_in_bfloat16_and_returns_float32():
+    torch.manual_seed(0)
+    agent = plas.PLAS(plas.ConditionalVAE(3, 4, 32), 4, 3, tiny_config(amp=True, phi=0.05))
+    states, actions = torch.randn(64, 4), torch.rand(64, 3) * 1.8 - 0.9
+    metrics = agent.train((states, actions, torch.randn(64, 1), torch.randn(64, 4), torch.zeros(64, 1)))
+    assert all(torch.isfinite(v).all() for v in metrics.values())
+    float32_actor, float32_critic = copy.deepcopy(agent.actor), copy.deepcopy(agent.critic)
+    float32_critic.amp = float32_actor.latent_policy.amp = float32_actor.perturbation.amp = False
+    with torch.no_grad():
+        for amp_out, exact in [(agent.actor(states, agent.vae)[0], float32_actor(states, agent.vae)[0]),
+                               (agent.critic(states, actions), float32_critic(states, actions)),
+                               (agent.critic.q1(states, actions), float32_critic.q1(states, actions))]:
+            assert amp_out.dtype == torch.float32
+            assert 0 < (amp_out - exact).abs().max() < 0.05 * (1 + exact.abs().max())  # bfloat16 rounding
 
 
 def test_actor_climbs_q1_through_the_frozen_decoder():
@@ -161,12 +179,13 @@ def test_end_to_end_run_writes_what_it_promises(tmp_path, tiny_hdf5):
     assert np.isfinite(results["vae_final_loss"])
     assert "vae_hidden: 32" in (run / "config.yaml").read_text()
     checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert checkpoint["step"] == 40 and "perturbation.net.0.weight" in checkpoint["agent"]["actor"]
+    assert (checkpoint["phase"], checkpoint["step"]) == ("rl", 40)
+    assert "perturbation.net.0.weight" in checkpoint["agent"]["actor"]
     vae = torch.load(run / "vae.pt", weights_only=True)
     assert vae["sizes"]["latent_dim"] == 6  # 2 x the (odd) action dimension
-    assert torch.equal(vae["state_mean"], torch.zeros(11)) and torch.equal(vae["state_std"], torch.ones(11))  # raw states
+    assert torch.equal(vae["state_mean"], torch.zeros(11)) and torch.equal(vae["state_std"], torch.ones(11))  # raw
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics if "vae/loss" in m] == [10, 20]
+    assert [(m["phase"], m["step"]) for m in metrics if "vae/loss" in m] == [("vae", 10), ("vae", 20)]
     # --vae_checkpoint skips phase 1
     proc = run_script("--dataset_path", tiny_hdf5, "--checkpoints_path", str(tmp_path), "--run_name", "reuse",
                       "--vae_checkpoint", str(run / "vae.pt"), *TINY_FLAGS)
@@ -221,7 +240,7 @@ def test_bad_vae_checkpoint_gives_one_clear_error(tmp_path, tiny_hdf5):
                       "--vae_checkpoint", str(tmp_path / "missing.pt"), timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == \
-        [f"error: VAE checkpoint {tmp_path / 'missing.pt'} does not exist"]
+        [f"error: --vae_checkpoint {tmp_path / 'missing.pt'} does not exist"]
 
 
 def test_presets_load_and_the_locomotion_preset_is_the_official_defaults():

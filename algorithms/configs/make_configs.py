@@ -11,7 +11,7 @@ exactly what it writes and that every one loads into its script's TrainConfig.
 Datasets: the 12 of Table 1: halfcheetah | hopper | walker2d x medium | medium-replay | medium-expert
 (-v2) and maze2d-umaze | maze2d-medium | maze2d-large (-v1; these need d4rl, i.e. the Docker image).
 
-Values (sources in /work/shared/PAPER_NOTES.md and in each file's header comment):
+Values (sources: the CNF paper, arXiv 2211.11096, its official code, and each algorithm file's docstring):
 - cnf, cnf_normal_ablation, cnf_latent_only (the ablations use CNF's values, so that a figure compares
   one change): flow 12 x 256 on medium and medium-expert, 4 x 64 on medium-replay and maze2d (Table 3),
   100k pre-training steps at the official run config (AdamW lr 5e-4, wd 1e-4, batch 1024, clip 0.1; the
@@ -29,9 +29,18 @@ Values (sources in /work/shared/PAPER_NOTES.md and in each file's header comment
   beta 3, rewards unscaled).
 - plas: the official main.py defaults, which are the same for every task (maze2d included; the code
   has no per-task settings): VAE 2 x 750 for 500k steps, then 500k RL updates at batch 100.
+- lapo: the official main_d4rl.py defaults (every network 3 x 256, batch 512, lr 2e-4, expectile 0.9,
+  z_max 2, doubleq_min 1, rewards / max reward, 1M updates, evaluation every 5000), kl_beta 0.3 for
+  maze2d (the official README's maze2d command).
+- sfbc: the official defaults (ChenDRAG/SfBC utils.py, train_behavior.py, train_critic.py), the same for
+  every dataset: score network 512-256-128 ("large"), 586k behaviour steps (600 epochs of 4M samples at
+  batch 4096), DPM-Solver order 3 with 15 steps, K = 2 critic fits of 24.5k updates (100 epochs of 1M
+  samples), 16 planning candidates, alpha 20; acting 32 candidates, alpha 100, 4 averaged on locomotion,
+  1 on maze2d. The SfBC paper reports no maze2d numbers (its code loads maze2d data).
 """
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 from typing import List, Tuple
 
@@ -40,7 +49,7 @@ LOCOMOTION = [f"{env}-{level}-v2" for env in ("halfcheetah", "hopper", "walker2d
               for level in ("medium", "medium-replay", "medium-expert")]
 MAZE2D = [f"maze2d-{size}-v1" for size in ("umaze", "medium", "large")]
 DATASETS = LOCOMOTION + MAZE2D
-ALGORITHMS = ("cnf", "cnf_normal_ablation", "cnf_latent_only", "cnf_vae", "awac", "iql", "plas")
+ALGORITHMS = ("cnf", "cnf_normal_ablation", "cnf_latent_only", "cnf_vae", "awac", "iql", "plas", "lapo", "sfbc")
 Field = Tuple[str, object, str]  # (name, value, comment or "")
 
 
@@ -51,12 +60,22 @@ def kind(dataset: str) -> str:
     return dataset.split("-", 1)[1][: -len("-v2")]
 
 
+def evaluation_schedule(dataset: str) -> List[Field]:
+    """The CNF paper's protocol for every algorithm we run (Sec. 5): evaluate every 5000 updates, but every
+    100 on HalfCheetah, where Table 1's mean of the last 10 evaluations then spans the last 1000 updates;
+    checkpoints keep their own 5000-update schedule there (a checkpoint costs more than an evaluation)."""
+    if dataset.startswith("halfcheetah"):
+        return [("eval_every", 100, "paper Sec. 5: every 100 updates on HalfCheetah"), ("checkpoint_every", 5000, "")]
+    return [("eval_every", 5000, "paper Sec. 5")]
+
+
 def cnf_rl(dataset: str) -> List[Field]:
     """Phase 2 of CNF (Table 2; official run config), shared by every CNF variant."""
     maze = kind(dataset) == "maze2d"
     cheetah = dataset.startswith("halfcheetah")
     return [
-        ("train_steps", 200_000 if cheetah else 1_000_000, "paper: HalfCheetah 200k" if cheetah else "paper: 1M"),
+        ("train_steps", 200_000 if cheetah else 1_000_000,  # the text's 1M; its Table 2 prints 100k
+         "paper text: HalfCheetah 200k" if cheetah else "paper text: 1M (Table 2 prints 100k)"),
         ("batch_size", 10240 if maze else 512, "paper: maze2d 10240" if maze else "official run config (grid {256, 512, 1024})"),
         ("hidden_dim", 256, ""),
         ("n_layers", 4, "official run config (grid {3, 4})"),
@@ -66,7 +85,7 @@ def cnf_rl(dataset: str) -> List[Field]:
         ("tau", 2e-3, ""),
         ("awac_lambda", 0.1 if maze else 1.0 / 3.0, "paper: 1/10 maze2d" if maze else "paper: 1/3 locomotion"),
         ("exp_adv_max", 100.0, ""),
-        ("eval_every", 5000, ""),
+        *evaluation_schedule(dataset),
         ("eval_episodes", 10, ""),
     ]
 
@@ -128,7 +147,7 @@ def awac(dataset: str) -> List[Field]:
         ("awac_lambda", 0.1 if maze else 0.3333, "CORL: maze2d 0.1" if maze else "CORL: 0.3333 (1/3)"),
         ("exp_adv_max", 100.0, ""),
         ("reward_scaling", "none", ""),
-        ("eval_every", 5000, "the CNF paper's protocol (CORL: 1000)"),
+        *evaluation_schedule(dataset),  # the CNF paper's protocol (CORL: every 1000)
         ("eval_episodes", 100 if maze else 10, "CORL: maze2d 100" if maze else ""),
     ]
 
@@ -153,7 +172,7 @@ def iql(dataset: str) -> List[Field]:
         ("deterministic_policy", hopper_mr, "CORL: hopper-medium(-replay) deterministic" if hopper_mr else ""),
         ("reward_scaling", "returns" if hopper_mr else "none",
          "CORL: normalize_reward true" if hopper_mr else "CORL: normalize_reward false (the IQL paper: returns)"),
-        ("eval_every", 5000, ""),
+        *evaluation_schedule(dataset),
         ("eval_episodes", 100 if maze else 10, "CORL: maze2d 100" if maze else ""),
     ]
 
@@ -169,7 +188,52 @@ def plas(dataset: str) -> List[Field]:
         ("target_lambda", 0.75, ""),
         ("z_max", 2.0, "official --max_latent_action 2"),
         ("phi", 0.0, "PLAS; PLAS+P: --phi 0.05"),
-        ("eval_every", 5000, "the CNF paper's protocol (official: 1000)"),
+        *evaluation_schedule(dataset),  # the CNF paper's protocol (official: every 1000)
+        ("eval_episodes", 10, ""),
+    ]
+
+
+def lapo(dataset: str) -> List[Field]:
+    maze = kind(dataset) == "maze2d"
+    return [
+        ("train_steps", 1_000_000, "official: 1M"),
+        ("batch_size", 512, ""),
+        ("hidden_dim", 256, ""),
+        ("n_layers", 4, "official: 3 hidden layers of 256"),
+        ("vae_lr", 2e-4, ""),
+        ("actor_lr", 2e-4, ""),
+        ("critic_lr", 2e-4, ""),
+        ("gamma", 0.99, ""),
+        ("tau", 5e-3, ""),
+        ("expectile", 0.9, ""),
+        ("kl_beta", 0.3 if maze else 1.0, "official README: maze2d --kl_beta 0.3" if maze else ""),
+        ("z_max", 2.0, "official --max_latent_action 2"),
+        ("target_lambda", 1.0, "official --doubleq_min 1 (antmaze 0.7)"),
+        ("reward_scaling", "max", "official: r / max r; V clamped to [min r, max r] / (1 - gamma)"),
+        *evaluation_schedule(dataset),  # the CNF paper's protocol (official: every 5000)
+        ("eval_episodes", 10, ""),
+    ]
+
+
+def sfbc(dataset: str) -> List[Field]:
+    maze = kind(dataset) == "maze2d"
+    return [
+        ("score_widths", [512, 256, 128], 'official "large" ScoreNet'),
+        ("train_steps", 586_000, "official: 600 epochs of 4M samples at batch 4096"),
+        ("batch_size", 4096, ""),
+        ("behavior_lr", 1e-4, ""),
+        ("solver_steps", 15, ""),
+        ("solver_order", 3, ""),
+        ("planning_candidates", 16, ""),
+        ("planning_rounds", 2, "official K = 2"),
+        ("critic_steps", 24_500, "official: 100 epochs of 1M samples at batch 4096"),
+        ("critic_lr", 1e-3, ""),
+        ("gamma", 0.99, ""),
+        ("value_alpha", 20.0, ""),
+        ("eval_candidates", 32, ""),
+        ("select_alpha", 100.0, ""),
+        ("select_count", 1 if maze else 4, "official: 1 outside locomotion" if maze else "official: 4 on locomotion"),
+        *evaluation_schedule(dataset),  # the CNF paper's protocol (official: every 5 critic epochs, ~1225 updates)
         ("eval_episodes", 10, ""),
     ]
 
@@ -190,6 +254,11 @@ HEADERS = {
     "iql": "IQL (algorithms/iql.py) for Table 1: CORL's configs/offline/iql/ values for this dataset.",
     "plas": "PLAS (algorithms/plas.py) for Table 1: the official defaults (Wenxuan-Zhou/PLAS main.py), one set\n"
             "for every task. medium-replay: d3rlpy's reproduction uses --vae_hidden 128; PLAS+P: --phi 0.05.",
+    "lapo": "LAPO (algorithms/lapo.py) for Table 1: the official defaults (pcchenxi/LAPO-offlienRL main_d4rl.py),\n"
+            "one set for locomotion; maze2d adds the README's --kl_beta 0.3.",
+    "sfbc": "SfBC (algorithms/sfbc.py), beside Table 1 (not in the CNF paper): the official defaults (ChenDRAG/SfBC\n"
+            "utils.py, train_behavior.py, train_critic.py), one set for every dataset. final_normalized_score is the\n"
+            "final policy (after the last planning round); the last-10 mean may include the first round's.",
 }
 MAZE2D_NOTES = {
     "awac": "maze2d: CORL's configs/offline/awac/maze2d/*_v1.yaml (lambda 0.1, rewards unscaled, 100 evaluation\n"
@@ -198,20 +267,35 @@ MAZE2D_NOTES = {
            "evaluation episodes every 5000 updates). The IQL paper has no maze2d values.",
     "plas": "maze2d: the official code has no per-task settings, so its defaults (tuned on locomotion) apply;\n"
             "states unnormalised as in the official code.",
+    "lapo": "maze2d: the official README's command, main_d4rl.py --kl_beta 0.3 (rewards r / max r, as every\n"
+            "non-antmaze dataset).",
+    "sfbc": "maze2d: the SfBC paper reports no maze2d numbers; its code loads maze2d data (as one episode: here\n"
+            "timeouts end episodes) and averages 1 selected candidate outside locomotion.",
 }
+
+
+def wrap_comment(lines: List[str], width: int = 116) -> List[str]:
+    """Comment lines of at most `width` columns; a long command is continued with a backslash."""
+    out = []
+    for line in lines:
+        command = line.lstrip().startswith("python")
+        pieces = textwrap.wrap(line, width - 2 if command else width, subsequent_indent="      " if command else "",
+                               break_long_words=False, break_on_hyphens=False) or [""]
+        out += [piece + " \\" for piece in pieces[:-1]] + pieces[-1:] if command else pieces
+    return out
 
 
 def render(algorithm: str, dataset: str) -> str:
     path = f"algorithms/configs/{algorithm}/{dataset}.yaml"
     trials = 20 if kind(dataset) == "maze2d" else 50
     lines = [f"{dataset}. " + HEADERS[algorithm].format(path=path, dataset=dataset, trials=trials),
-             f"Run: python algorithms/{algorithm}.py --config_path {path} --seed 0   (seeds 0 1 2)"]
+             "Run (the paper: seeds 0, 1 and 2):", f"  python algorithms/{algorithm}.py --config_path {path} --seed 0"]
     if kind(dataset) == "maze2d":
         lines.append("maze2d needs d4rl: run it in the Docker image.")
         if algorithm in MAZE2D_NOTES:
             lines.append(MAZE2D_NOTES[algorithm])
     lines.append("Generated by algorithms/configs/make_configs.py: edit that script, not this file.")
-    text = "".join(f"# {line}\n" for line in "\n".join(lines).split("\n"))
+    text = "".join(f"# {line}\n" for line in wrap_comment("\n".join(lines).split("\n")))
     text += f"env: {dataset}\n"
     for name, value, comment in globals()[algorithm](dataset):
         text += f"{name}: {format_value(value)}" + (f"  # {comment}" if comment else "") + "\n"

@@ -8,6 +8,11 @@ Prints one line per figure, `<algo> <metric> <value>`:
 - `flow_steps_per_s`: phase-1 pre-training steps per second (flow 12 x 256, batch 1024);
 - `plas`: the official PLAS sizes (VAE 2 x 750, latent 12; actor and critics 400-300; batch 100);
   `vae_steps_per_s` is its phase-1 (VAE) pre-training steps per second;
+- `lapo`: the official LAPO sizes (CVAE, latent policy, Q_1, Q_2, V all 3 x 256; batch 512), one joint update;
+- `sfbc`: the official SfBC sizes (score network 512-256-128, batch 4096; DPM-Solver order 3, 15 steps):
+  `behaviour_steps_per_s` (behaviour-model steps), `candidate_actions_per_s` (behaviour actions sampled for
+  dataset states, 16 per state, in passes of 4096 states on a GPU, 64 on a CPU), `eval_step_ms` (the latency
+  of one evaluation step: 32 candidates for each of 10 states, critic, selection), `critic_updates_per_s`;
 - `aten_ops_per_update`, `host_syncs_per_update`: ATen operators dispatched by one phase-2 update,
   and how many of them are `aten::_local_scalar_dense` (a device-to-host copy: a stall on a GPU),
   counted with a TorchDispatchMode. On a GPU every operator is at least one kernel launch, so these
@@ -67,16 +72,24 @@ def count_ops(step) -> Counter:
     return counter.ops
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a timing counts finished updates, not launched ones."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def rate(step, seconds: float, repeats: int) -> float:
     """Median calls per second over `repeats` rounds of about `seconds` each."""
     for _ in range(3):
         step()
     rates = []
     for _ in range(repeats):
+        synchronize()
         n, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
             step()
             n += 1
+        synchronize()
         rates.append(n / (time.perf_counter() - start))
     return statistics.median(rates)
 
@@ -99,19 +112,27 @@ def report(algo: str, metric: str, value) -> None:
     print(f"{algo} {metric} {value:.1f}" if isinstance(value, float) else f"{algo} {metric} {value}", flush=True)
 
 
-def measure_cnf(args, amp: bool) -> None:
+def measure_cnf(args, amp: bool, compile: bool = False) -> None:
+    """CNF at the paper's sizes. With `compile`, the update and the flow step go through the script's own
+    `compiled` (torch.compile; CUDA graphs on a GPU); ops and syncs are then not counted (the compiled
+    graph runs generated kernels, which a dispatch mode does not see one by one)."""
     cnf = load_algorithm("cnf")
-    name = "cnf_bf16" if amp else "cnf"
-    config = cnf.TrainConfig(device=args.device, amp=amp)  # the paper's sizes are the defaults
+    name = ("cnf_compiled" if compile else "cnf") + ("_bf16" if amp else "")
+    config = cnf.TrainConfig(device=args.device, amp=amp, compile=compile)  # the paper's sizes are the defaults
     flow = cnf.ConditionalFlow(ACTION_DIM, STATE_DIM, config.flow_layers, config.flow_hidden, amp).to(args.device)
     states, actions = torch.randn(1024, STATE_DIM, device=args.device), torch.rand(1024, ACTION_DIM, device=args.device) * 1.8 - 0.9
     flow.encode(actions, states, initialize=True)
     pretrainer = cnf.FlowPretrainer(flow, config)
-    report(name, "flow_steps_per_s", rate(lambda: pretrainer.train(actions, states), args.seconds, args.repeats))
+    flow_step = cnf.compiled(lambda: pretrainer.train(actions, states)["flow/train_nll"], config)
+    report(name, "flow_steps_per_s", rate(flow_step, args.seconds, args.repeats))
 
     agent = cnf.CNF(flow, STATE_DIM, ACTION_DIM, config)
     batch = random_batch(config.batch_size, args.device)
-    report_update(name, lambda: agent.train(batch), args)
+    update = cnf.compiled(lambda: agent.train(batch), config)
+    if compile:
+        report(name, "rl_updates_per_s", rate(update, args.seconds, args.repeats))
+    else:
+        report_update(name, update, args)
 
 
 def measure_official(args) -> None:
@@ -181,6 +202,56 @@ def measure_iql(args) -> None:
     report_update("iql", lambda: agent.train(batch), args)
 
 
+def measure_lapo(args) -> None:
+    """LAPO at the official sizes: CVAE, latent policy, Q_1, Q_2 and V 3 x 256 (latent 2 x 6), batch 512."""
+    lapo = load_algorithm("lapo")
+    config = lapo.TrainConfig(device=args.device)  # the official sizes are the defaults
+    agent = lapo.LAPO(STATE_DIM, ACTION_DIM, config, (0.0, 100.0), torch.zeros(ACTION_DIM), torch.ones(ACTION_DIM))
+    batch = random_batch(config.batch_size, args.device)
+    report_update("lapo", lambda: agent.train(batch), args)
+
+
+def measure_sfbc(args, amp: bool = False, compile: bool = False) -> None:
+    """SfBC at the official sizes: behaviour steps, candidate generation, one evaluation step, critic updates.
+    With `compile`, the behaviour step and the acting step go through the script's `compiled` (CUDA graphs on a
+    GPU), as `--compile` runs them; candidates and critic updates are measured eager only."""
+    sfbc = load_algorithm("sfbc")
+    name = ("sfbc_compiled" if compile else "sfbc") + ("_bf16" if amp else "")
+    config = sfbc.TrainConfig(device=args.device, amp=amp, compile=compile)  # the official sizes are the defaults
+    sde = sfbc.VPSDE(config.beta_min, config.beta_max)
+    behavior = sfbc.ScoreNetwork(ACTION_DIM, STATE_DIM, config.score_widths, amp).to(args.device)
+    states, actions, *_ = random_batch(config.batch_size, args.device)
+    trainer = sfbc.BehaviorTrainer(behavior, sde, config)
+    step = sfbc.compiled(lambda: trainer.train(states, actions)["behavior/loss"], config)
+    report(name, "behaviour_steps_per_s", rate(step, args.seconds, args.repeats))
+    if not compile:
+        ops = count_ops(step)
+        report(name, "aten_ops_per_behaviour_step", sum(ops.values()))
+        report(name, "host_syncs_per_behaviour_step", ops["aten._local_scalar_dense"])
+
+    behavior.eval().requires_grad_(False)
+    per_pass = config.sampler_batch // config.planning_candidates if args.device.startswith("cuda") else 64
+    pass_states = torch.randn(per_pass, STATE_DIM, device=args.device)
+    sample = lambda: sfbc.sample_actions(behavior, pass_states, config.planning_candidates, sde, config)  # noqa: E731
+    if not compile:
+        report(name, "candidate_actions_per_s",
+               rate(sample, args.seconds, args.repeats) * per_pass * config.planning_candidates)
+
+    critic = sfbc.Critic(STATE_DIM, ACTION_DIM, config.critic_hidden, amp).to(args.device)
+    agent = sfbc.SfBC(behavior, critic, sde, config, select_count=4)
+    eval_states = torch.randn(10, STATE_DIM, device=args.device)
+    compiled_act = sfbc.compiled(agent.act, config)
+    act = lambda: compiled_act(eval_states).cpu()  # noqa: E731  (the evaluation loop reads actions on the host)
+    report(name, "eval_step_ms", 1000.0 / rate(act, args.seconds, args.repeats))
+    if compile:
+        return
+
+    critic_trainer = sfbc.CriticTrainer(critic.requires_grad_(True), config)
+    targets = torch.randn(config.batch_size, 1, device=args.device)
+    report(name, "critic_updates_per_s", rate(lambda: critic_trainer.train(states, actions, targets), args.seconds,
+                                              args.repeats))
+
+
 def load_corl(corl_dir: str, name: str):
     """CORL's algorithms/offline/<name>.py as module `corl_<name>`. Its top-level `import d4rl, gym` are
     met by empty stub modules for the import only (the trainer never touches them; `gym.Env` is needed
@@ -238,6 +309,7 @@ def main() -> None:
     parser.add_argument("--official", default=None, help="a checkout of github.com/tinkoff-ai/cnf to compare with")
     parser.add_argument("--corl", default=None, help="a checkout of github.com/corl-team/CORL: also measure its AWAC and IQL")
     parser.add_argument("--amp", action="store_true", help="also measure with bfloat16 autocast")
+    parser.add_argument("--compile", action="store_true", help="also measure cnf.py and sfbc.py with --compile")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of one timing round")
     parser.add_argument("--repeats", type=int, default=3, help="timing rounds; the median is reported")
     args = parser.parse_args()
@@ -245,13 +317,23 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"# device {args.device}, {args.threads} thread(s), torch {torch.__version__}", flush=True)
     measure_cnf(args, amp=False)
-    if args.amp:
-        measure_cnf(args, amp=True)
     if args.official:
         measure_official(args)
+    if args.compile:
+        measure_cnf(args, amp=False, compile=True)
+    if args.amp:
+        measure_cnf(args, amp=True)
+        if args.compile:
+            measure_cnf(args, amp=True, compile=True)
     measure_plas(args)
     measure_awac(args)
     measure_iql(args)
+    measure_lapo(args)
+    measure_sfbc(args)
+    if args.compile:
+        measure_sfbc(args, compile=True)
+    if args.amp:
+        measure_sfbc(args, amp=True)
     if args.corl:
         measure_corl(args)
 
