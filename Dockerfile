@@ -1,7 +1,8 @@
 # CNF on the legacy D4RL stack (gym 0.23.1 + d4rl + mujoco-py 2.1.2.14 on MuJoCo 2.1), on a GPU.
 #
 #   docker build -t cnf .
-#   docker run --gpus all -it --rm -v ~/.d4rl:/root/.d4rl -v $PWD/runs:/workspace/cnf/runs cnf python algorithms/cnf.py --env halfcheetah-medium-v2
+#   docker run --gpus all -it --rm -v ~/.d4rl:/root/.d4rl -v $PWD/runs:/workspace/cnf/runs cnf \
+#       python algorithms/cnf.py --env halfcheetah-medium-v2
 #
 # ~/.d4rl keeps D4RL's downloaded datasets between runs; runs/ receives the results.
 # The host needs the NVIDIA Container Toolkit and a driver for CUDA 13.0 (>= 580).
@@ -27,7 +28,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
 
 # MuJoCo 2.1.0 binaries where mujoco-py looks for them: the tarball's top directory is mujoco210/.
 RUN mkdir -p /root/.mujoco \
-    && wget -q https://github.com/deepmind/mujoco/releases/download/2.1.0/mujoco210-linux-x86_64.tar.gz -O /tmp/mujoco210.tar.gz \
+    && wget -q https://github.com/deepmind/mujoco/releases/download/2.1.0/mujoco210-linux-x86_64.tar.gz \
+        -O /tmp/mujoco210.tar.gz \
     && tar -xzf /tmp/mujoco210.tar.gz --no-same-owner -C /root/.mujoco \
     && rm /tmp/mujoco210.tar.gz \
     && test -f /root/.mujoco/mujoco210/bin/libmujoco210.so
@@ -61,9 +63,11 @@ RUN grep -v "git+" /tmp/requirements-docker.txt > /tmp/requirements-pypi.txt \
 
 # Build-time check. Importing mujoco_py compiles its Cython extension (cached in site-packages, so
 # runs start at once); D4RL must register its envs and gym must build one. No dataset is downloaded.
-RUN python -c "import mujoco_py, d4rl, gym; env = gym.make('halfcheetah-medium-v2'); env.reset(); print('d4rl OK', env.observation_space.shape)"
+RUN python -c "import mujoco_py, d4rl, gym; env = gym.make('halfcheetah-medium-v2'); env.reset(); \
+    print('d4rl OK', env.observation_space.shape)"
 # The modern stack in the same image: torch imports, Gymnasium's MuJoCo env builds.
-RUN python -c "import torch, gymnasium; gymnasium.make('HalfCheetah-v5').reset(seed=0); print('torch', torch.__version__, 'gymnasium OK')"
+RUN python -c "import torch, gymnasium; gymnasium.make('HalfCheetah-v5').reset(seed=0); \
+    print('torch', torch.__version__, 'gymnasium OK')"
 
 # d4rl warns at every import about its optional suites (flow, carla, kitchen, bullet) being absent;
 # silenced only now, so that a failure of the check above still printed the reason.

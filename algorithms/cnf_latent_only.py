@@ -17,7 +17,8 @@ Algorithm 2 with z in place of a:
 - critics Q(s, z); target y = r + gamma (1 - d) min_i Q_i'(s', z'), z' ~ pi(. | s')  (Eq. 6);
 - advantage A = Q(s, z_data) - Q(s, z_pi), z_pi ~ pi(. | s), Q = min(Q1, Q2)          (Eq. 7);
 - policy loss mean(w |z_data - z_pi|), w = min(exp(A / lambda), 100), L1 in latent space (Eq. 8).
-The update never calls the flow; f^-1 is used only to act: a = f^-1(tanh(mu(s)) | s).
+The update never calls the flow; f^-1 is used only to act: a = f^-1(tanh(mu(s)) | s), and to measure how far
+those actions stray from the data (cnf.py's `BehaviourLikelihood`: diag/* in metrics.jsonl, latent histograms).
 
 Choices where the paper is silent, and deviations:
 - Latents at the box edge (`encode_dataset`): float32 resolves 1 - |z| only to ~6e-8, and f^-1
@@ -561,6 +562,135 @@ class LatentOnlyCNF:
     # ---- [end block: agent state] ------------------------------------------------------------------
 
 
+# %% cnf.py's diagnostic: how far the policy's actions stray from the data (Figs. 3, 5, 6)
+# ---- [block: behaviour likelihood | copied from cnf.py] ----
+# Latent histogram bins: 20 of width 0.1 over the box [-1, 1], coarser ones beyond it (the Normal
+# policy's latents are unbounded); counts have len(LATENT_EDGES) + 1 bins, the first (z < -4) and the
+# last (z >= 4) open. A latent in the closed box [-1, 1] counts inside it (clamped as f^-1 clamps it).
+LATENT_EDGES = (-4.0, -3.0, -2.0, -1.5, *(round(-1.0 + 0.1 * i, 1) for i in range(21)), 1.5, 2.0, 3.0, 4.0)
+
+
+def latent_policy(agent) -> Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
+    """A flow agent's evaluation policy with its latents: states -> (a = f^-1(z | s), z), z the actor's
+    deterministic latent; the actions are exactly `agent.act`'s."""
+    def policy(states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        latents = agent.actor.deterministic(states)
+        return agent.flow.decode(latents, states), latents
+
+    return policy
+
+
+class BehaviourLikelihood:
+    """How far a policy's evaluation actions stray from the data, measured by the frozen behaviour flow.
+
+    The paper's argument (Figs. 3, 5, 6) is about support: every latent in CNF's box decodes to an action
+    the data could have produced, while a Normal-latent policy can push f^-1 to actions the data never had.
+    A flow fitted to the data is a density of its actions, log pi_beta(a | s) = log p_Z(f(a | s)) +
+    log|det df/da| (Eq. 5): exact (a VAE gives only a bound), defined at every (s, a) in the action box, and
+    its own log-likelihood of the data is what phase 1 maximised. So it is the yardstick: an action is in
+    distribution when pi_beta gives it as much density as the data's own actions get at the same state.
+    (It is only as good as the fit: a flow spreads some density between the data's modes.)
+
+    Built once per run from the frozen flow, the dataset's (normalised) states and actions, and the seed:
+    a fixed sample of `n_states` dataset states (all if fewer), drawn with its own torch.Generator so the
+    training's random stream is untouched; the data's own log-likelihoods there; their 1st percentile
+    `threshold` (1% of the data lies below it, by construction); the histogram of the data's latents.
+    `measure(policy)` then gives, for the policy's actions at those states:
+    - diag/policy_nll: mean -log pi_beta(a | s); diag/data_nll: the data's, its reference;
+    - diag/ood_rate: the fraction of actions below `threshold`: about 0.01 for a policy that acts like
+      the data, towards 1 for one that leaves its support;
+    - for latent policies, diag/latent_abs_max (max |z|) and `latent_counts` [act_dim, bins] over
+      LATENT_EDGES: where in the latent box -- or beyond it, for the unbounded Normal policy -- it acts.
+    Everything runs in chunks on the data's device; nothing is read to the host until the caller does."""
+
+    def __init__(self, flow: ConditionalFlow, states: torch.Tensor, actions: torch.Tensor, seed: int,
+                 n_states: int = 10_000, chunk: int = 4096):
+        self.flow, self.chunk = flow, chunk
+        generator = torch.Generator().manual_seed(seed)
+        self.indices = torch.randperm(len(states), generator=generator)[:n_states].to(states.device)
+        self.states, self.actions = states[self.indices], actions[self.indices]  # [n, state_dim], [n, act_dim]
+        self.edges = torch.tensor(LATENT_EDGES, device=states.device)
+        with torch.no_grad():
+            log_prob, latents = [], []
+            for i in range(0, len(self.states), chunk):
+                latents.append(flow.encode(self.actions[i:i + chunk], self.states[i:i + chunk])[0])
+                log_prob.append(flow.log_prob(self.actions[i:i + chunk], self.states[i:i + chunk]))
+            self.data_log_prob = torch.cat(log_prob)  # [n]
+        self.data_nll = -self.data_log_prob.mean()
+        self.threshold = torch.quantile(self.data_log_prob.double(), 0.01).to(self.data_log_prob.dtype)
+        self.data_counts = self.histogram(torch.cat(latents))
+
+    def histogram(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents [B, act_dim] -> counts [act_dim, len(LATENT_EDGES) + 1] (int64)."""
+        inside = latents.abs() <= 1.0
+        latents = torch.where(inside, latents.clamp(-1.0 + ACTION_EPS, 1.0 - ACTION_EPS), latents)
+        bins = torch.bucketize(latents, self.edges.to(latents.dtype), right=True)  # [B, act_dim]
+        return F.one_hot(bins, len(LATENT_EDGES) + 1).sum(0)
+
+    @torch.no_grad()
+    def measure(self, policy: Callable, policy_states: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """policy: states [B, state_dim] -> (actions [B, act_dim], latents [B, act_dim] or None). It is given
+        `policy_states` (default: the sample's states as the flow sees them), row-aligned with the sample: a
+        policy that normalises states its own way (behavior_likelihood.py) gets its own. -> 0-dim tensors,
+        plus latent_counts when the policy has latents."""
+        policy_states = self.states if policy_states is None else policy_states
+        nll = below = torch.zeros((), device=self.states.device)
+        abs_max, counts = None, None
+        for i in range(0, len(self.states), self.chunk):
+            actions, latents = policy(policy_states[i:i + self.chunk])
+            log_prob = self.flow.log_prob(actions, self.states[i:i + self.chunk])
+            nll = nll - log_prob.sum()
+            below = below + (log_prob < self.threshold).sum()
+            if latents is not None:
+                chunk_max, chunk_counts = latents.abs().max(), self.histogram(latents)
+                abs_max = chunk_max if abs_max is None else torch.maximum(abs_max, chunk_max)
+                counts = chunk_counts if counts is None else counts + chunk_counts
+        n = len(self.states)
+        out = {"diag/policy_nll": nll / n, "diag/data_nll": self.data_nll, "diag/ood_rate": below / n}
+        if abs_max is not None:
+            out.update({"diag/latent_abs_max": abs_max, "latent_counts": counts})
+        return out
+
+    def hook(self, policy: Callable, run: "Run") -> Callable[[int], Dict[str, float]]:
+        """train_agent's `diagnose` for a latent policy (`latent_policy(agent)`): at each evaluation
+        `measure(policy)`, one host read, one line appended to RUN_DIR/latent_histograms.jsonl (step,
+        edges, and per latent dimension the policy's counts and the data's data_counts) and one printed
+        line; returns the scalars to log. On --resume the file keeps the lines the checkpoint covers, as
+        metrics.jsonl does."""
+        path = run.dir / "latent_histograms.jsonl"
+        checkpoint = run.checkpoint
+        last = checkpoint["step"] if checkpoint is not None and checkpoint["phase"] == "rl" else 0
+        if path.exists():
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= last:
+                        keep.append(line + "\n")
+                except (json.JSONDecodeError, KeyError, TypeError):  # a line cut by a crash mid-write
+                    continue
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(keep))
+            os.replace(tmp, path)
+        data_counts = self.data_counts.tolist()
+
+        def diagnose(step: int) -> Dict[str, float]:
+            out = self.measure(policy)
+            counts = out.pop("latent_counts")
+            keys = list(out)
+            flat = torch.cat([torch.stack([out[k].float() for k in keys]), counts.flatten().float()]).cpu()  # one read
+            scalars = dict(zip(keys, flat[:len(keys)].tolist()))
+            counts = flat[len(keys):].view(counts.shape).long().tolist()
+            with open(path, "a") as f:
+                f.write(json.dumps({"step": step, "n_states": len(self.states), "edges": list(LATENT_EDGES),
+                                    "counts": counts, "data_counts": data_counts}) + "\n")
+            run.note(f"step {step}  policy NLL {scalars['diag/policy_nll']:.2f} (data {scalars['diag/data_nll']:.2f})"
+                     f"  OOD rate {100 * scalars['diag/ood_rate']:.1f}%  max |z| {scalars['diag/latent_abs_max']:.2f}")
+            return scalars
+
+        return diagnose
+# ---- [end block: behaviour likelihood] ----
+
+
 # %% The loop: cnf.py's phase 1 and phase 2 loops, and train(config) that runs both
 # ---- [block: flow pretraining loop | copied from cnf.py] -------------------------------------------
 def pretrain_flow(config: TrainConfig, buffer: "ReplayBuffer", run: "Run", checkpoint: Optional[dict]):
@@ -622,10 +752,12 @@ def pretrain_flow(config: TrainConfig, buffer: "ReplayBuffer", run: "Run", check
 
 
 # ---- [block: rl loop | copied from cnf.py] ---------------------------------------------------------
-def train_agent(agent, buffer: "ReplayBuffer", run: "Run", checkpoint: Optional[dict], desc: str) -> dict:
+def train_agent(agent, buffer: "ReplayBuffer", run: "Run", checkpoint: Optional[dict], desc: str,
+                diagnose: Optional[Callable[[int], Dict[str, float]]] = None) -> dict:
     """The offline RL loop: one `agent.train(batch)` per step; losses read every `log_every` steps
     (the loop's only host syncs); every `eval_every` steps an evaluation and a checkpoint, from which
-    --resume continues exactly (same batches, same noise)."""
+    --resume continues exactly (same batches, same noise). `diagnose(step)` (the flow scripts'
+    BehaviourLikelihood) runs after each evaluation; its scalars are logged at the evaluation's step."""
     from tqdm import trange
 
     config = run.config
@@ -647,6 +779,8 @@ def train_agent(agent, buffer: "ReplayBuffer", run: "Run", checkpoint: Optional[
             run.logger.log({k: v.item() for k, v in metrics.items()}, step)
         if step % config.eval_every == 0 or step == config.train_steps:
             evaluations.append((step, run.evaluate(agent.act, buffer)))
+            if diagnose is not None:
+                run.logger.log(diagnose(step), step)
         if step % (config.checkpoint_every or config.eval_every) == 0 or step == config.train_steps:
             run.save_checkpoint({"agent": agent.state_dict(), "evaluations": evaluations, "update_time_s": update_time})
     return {**summarize(evaluations), "updates_per_s": config.train_steps / update_time if update_time > 0 else None}
@@ -698,7 +832,9 @@ def train(config: TrainConfig) -> Path:
     if edge_fraction > 1e-3:
         warnings.warn(f"{edge_fraction:.2%} of the dataset's actions encode to latents at the box edge "
                       f"(|z| > 1 - {ACTION_EPS}); they are clamped to it (see encode_dataset)")
-    results = train_agent(agent, LatentReplayBuffer(buffer, latents), run, checkpoint, desc="phase 2: RL")
+    diagnostic = BehaviourLikelihood(agent.flow, buffer.states, buffer.actions, config.seed)
+    results = train_agent(agent, LatentReplayBuffer(buffer, latents), run, checkpoint, desc="phase 2: RL",
+                          diagnose=diagnostic.hook(latent_policy(agent), run))
     flow_file = run.dir / "flow.pt"
     return finish_run(run, {**results, "latent_edge_fraction": edge_fraction,
                             "flow_best_valid_nll": float(torch_load(flow_file)["best_valid_nll"])
@@ -839,10 +975,26 @@ def check_dataset(raw: Dict[str, np.ndarray], source: str) -> Dict[str, np.ndarr
     return raw
 
 
+def quiet_mujoco() -> None:
+    """MuJoCo prints a deprecation of HalfCheetah's XML (`settotalmass`) at every model load: drop that
+    one message; every other MuJoCo warning goes on to Python's warnings."""
+    try:
+        import mujoco
+    except ImportError:
+        return
+
+    def forward(message: str) -> None:
+        if "settotalmass" not in message:
+            warnings.warn(f"MuJoCo: {message}")
+
+    mujoco.set_mju_user_warning(forward)
+
+
 def gymnasium_vector_env(env_id: str) -> Callable[[int], object]:
     def make(num_envs: int):
         import gymnasium
 
+        quiet_mujoco()
         with warnings.catch_warnings():  # MuJoCo envs warn about deprecated model setters at every make
             warnings.simplefilter("ignore", DeprecationWarning)
             try:

@@ -329,7 +329,10 @@ def make_moons_squeezed(config: ToyConfig) -> Dict[str, np.ndarray]:
     draw = lambda n, offset: make_moons(n, noise=config.noise, random_state=config.seed + offset)[0]  # noqa: E731
     train = draw(config.n_train, 0)
     low, high = train.min(0), train.max(0)
-    squeeze = lambda x: (-config.squeeze + 2 * config.squeeze * (x - low) / (high - low)).astype(np.float32)  # noqa: E731
+
+    def squeeze(x: np.ndarray) -> np.ndarray:
+        return (-config.squeeze + 2 * config.squeeze * (x - low) / (high - low)).astype(np.float32)
+
     return {"train": squeeze(train), "valid": squeeze(draw(config.n_train, 1)),
             "reference": squeeze(draw(config.n_samples, 2)), "low": low, "high": high}
 

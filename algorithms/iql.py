@@ -395,10 +395,12 @@ def scale_rewards(data: "OfflineData", scaling: str) -> Tuple["OfflineData", dic
 
 # %% The loop
 # ---- [block: rl loop | copied from cnf.py] ---------------------------------------------------------
-def train_agent(agent, buffer: "ReplayBuffer", run: "Run", checkpoint: Optional[dict], desc: str) -> dict:
+def train_agent(agent, buffer: "ReplayBuffer", run: "Run", checkpoint: Optional[dict], desc: str,
+                diagnose: Optional[Callable[[int], Dict[str, float]]] = None) -> dict:
     """The offline RL loop: one `agent.train(batch)` per step; losses read every `log_every` steps
     (the loop's only host syncs); every `eval_every` steps an evaluation and a checkpoint, from which
-    --resume continues exactly (same batches, same noise)."""
+    --resume continues exactly (same batches, same noise). `diagnose(step)` (the flow scripts'
+    BehaviourLikelihood) runs after each evaluation; its scalars are logged at the evaluation's step."""
     from tqdm import trange
 
     config = run.config
@@ -420,6 +422,8 @@ def train_agent(agent, buffer: "ReplayBuffer", run: "Run", checkpoint: Optional[
             run.logger.log({k: v.item() for k, v in metrics.items()}, step)
         if step % config.eval_every == 0 or step == config.train_steps:
             evaluations.append((step, run.evaluate(agent.act, buffer)))
+            if diagnose is not None:
+                run.logger.log(diagnose(step), step)
         if step % (config.checkpoint_every or config.eval_every) == 0 or step == config.train_steps:
             run.save_checkpoint({"agent": agent.state_dict(), "evaluations": evaluations, "update_time_s": update_time})
     return {**summarize(evaluations), "updates_per_s": config.train_steps / update_time if update_time > 0 else None}
@@ -570,10 +574,26 @@ def check_dataset(raw: Dict[str, np.ndarray], source: str) -> Dict[str, np.ndarr
     return raw
 
 
+def quiet_mujoco() -> None:
+    """MuJoCo prints a deprecation of HalfCheetah's XML (`settotalmass`) at every model load: drop that
+    one message; every other MuJoCo warning goes on to Python's warnings."""
+    try:
+        import mujoco
+    except ImportError:
+        return
+
+    def forward(message: str) -> None:
+        if "settotalmass" not in message:
+            warnings.warn(f"MuJoCo: {message}")
+
+    mujoco.set_mju_user_warning(forward)
+
+
 def gymnasium_vector_env(env_id: str) -> Callable[[int], object]:
     def make(num_envs: int):
         import gymnasium
 
+        quiet_mujoco()
         with warnings.catch_warnings():  # MuJoCo envs warn about deprecated model setters at every make
             warnings.simplefilter("ignore", DeprecationWarning)
             try:

@@ -16,6 +16,15 @@ directories (config.yaml, results.json, metrics.jsonl; no wandb needed) and writ
 - flow_nll_<dataset>.png (Fig. 8): flow pre-training NLL against flow step, train (dashed) and
   validation (solid) per algorithm, mean +- std band over seeds; only where metrics.jsonl holds
   `flow/train_nll` / `flow/valid_nll` (e.g. cnf vs cnf_normal_ablation run on the same data).
+- behaviour_likelihood_<dataset>.png (the mechanism of Figs. 3, 5, 6): beside the learning curves, the
+  flow scripts' in-run diagnostic (cnf.py's `BehaviourLikelihood`, `diag/*` in metrics.jsonl) against
+  training step: `diag/ood_rate` (the fraction of the policy's actions below the data's 1st-percentile
+  log-likelihood under the run's frozen flow; the data's own 1% as a dotted line) and `diag/policy_nll`
+  (the data's `diag/data_nll` as a dotted line in each algorithm's colour), mean +- std band over seeds;
+  only where some run logged them. report.md gets a table of their values at each run's last evaluation.
+- latent_histograms_<dataset>.png: small multiples, one row per algorithm and one column per latent
+  dimension, of the policy's latents at the last evaluation (RUN_DIR/latent_histograms.jsonl, summed over
+  seeds) on the fixed bins of cnf.py's LATENT_EDGES (the box [-1, 1] shaded), the data's latents outlined.
 - summary.json: the numbers behind the tables (per group: per-run scores, mean, std, seeds, the paper's
   number, the dataset average), the runs left out and the directories skipped, each with its reason.
 
@@ -145,6 +154,8 @@ class Run:
     why: str = ""  # how the state was told (pid, host, last write, the step it stopped at)
     updated: float = 0.0  # last modification (results.json's for a finished run): the newest run of a seed wins
     dataset_score: float | None = None  # mean normalised return of the dataset's own episodes, when recorded
+    diagnostics: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # "ood_rate", ... -> (step, value)
+    latent_histogram: dict | None = None  # the last line of latent_histograms.jsonl (edges, counts, data_counts)
 
     @property
     def finished(self) -> bool:
@@ -197,6 +208,21 @@ def read_metrics(path: Path) -> tuple[dict[str, dict[int, float]], dict[str, flo
                 if step is not None:
                     series[key][int(step)] = float(value)
     return series, latest
+
+
+def read_last_histogram(path: Path) -> dict | None:
+    """The last well-formed line of latent_histograms.jsonl (the last evaluation's), None without one."""
+    if not path.is_file():
+        return None
+    last = None
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a crash mid-write
+            continue
+        if isinstance(record, dict) and {"step", "edges", "counts"} <= record.keys():
+            last = record
+    return last
 
 
 FIELD_TOLERANCE = 2  # config.yaml may differ from its script's TrainConfig by this many fields
@@ -288,6 +314,8 @@ def read_run(run_dir: Path, algorithms: dict[str, frozenset | None], split_by: S
     metrics, latest = read_metrics(run_dir / "metrics.jsonl")
     flow_nll = {name: sorted(metrics[f"flow/{name}_nll"].items()) for name in ("train", "valid")
                 if f"flow/{name}_nll" in metrics}
+    diagnostics = {key.split("/", 1)[1]: sorted(series.items()) for key, series in metrics.items()
+                   if key.startswith("diag/")}
     state, why = run_state(run_dir)
     dataset_score = latest.get("dataset_normalized_score")
     if state == "finished":
@@ -318,7 +346,8 @@ def read_run(run_dir: Path, algorithms: dict[str, frozenset | None], split_by: S
     return Run(path=run_dir, algorithm=algorithm, dataset=dataset, seed=config.get("seed"), state=state,
                score=None if score is None else float(score), evaluations=evaluations, flow_nll=flow_nll,
                config=config, why=why, updated=updated,
-               dataset_score=None if dataset_score is None else float(dataset_score))
+               dataset_score=None if dataset_score is None else float(dataset_score), diagnostics=diagnostics,
+               latent_histogram=read_last_histogram(run_dir / "latent_histograms.jsonl"))
 
 
 def find_runs(roots: Sequence[str], split_by: Sequence[str] = ()) -> tuple[list[Run], list[tuple[Path, str]]]:
@@ -438,7 +467,8 @@ def write_figures(groups: dict[tuple[str, str], list[Run]], out: Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figures: dict[str, dict[str, str]] = {"learning_curves": {}, "flow_nll": {}}
+    figures: dict[str, dict[str, str]] = {"learning_curves": {}, "flow_nll": {}, "behaviour_likelihood": {},
+                                          "latent_histograms": {}}
     datasets = sorted({dataset for dataset, _ in groups})
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for dataset in datasets:
@@ -465,7 +495,123 @@ def write_figures(groups: dict[tuple[str, str], list[Run]], out: Path,
             figures["flow_nll"][dataset] = save_figure(
                 fig, ax, "flow step", "negative log-likelihood", f"{dataset}: flow NLL (mean ± std)",
                 out / f"flow_nll_{file_safe(dataset)}.png")
+        runs = {a: groups[(dataset, a)] for a in algorithms}
+        if any(r.diagnostics.get("ood_rate") for rs in runs.values() for r in rs):
+            figures["behaviour_likelihood"][dataset] = behaviour_likelihood_figure(
+                dataset, runs, curves, colors, (averages or {}).get(dataset), out)
+        if any(r.latent_histogram for rs in runs.values() for r in rs):
+            figures["latent_histograms"][dataset] = latent_histogram_figure(dataset, runs, out)
     return figures
+
+
+def behaviour_likelihood_figure(dataset: str, runs: dict[str, list[Run]], curves: dict, colors: dict[str, str],
+                                average: float | None, out: Path) -> str:
+    """Three panels: the learning curves, diag/ood_rate and diag/policy_nll (data_nll dotted), per algorithm."""
+    import matplotlib.pyplot as plt
+
+    fig, (score_ax, ood_ax, nll_ax) = plt.subplots(1, 3, figsize=(16, 4.2))
+    plot_bands(score_ax, curves, colors=colors)
+    if average is not None:
+        score_ax.axhline(average, color="gray", linestyle=":", label=f"dataset average ({average:.1f})")
+    ood = {a: [r.diagnostics["ood_rate"] for r in rs if r.diagnostics.get("ood_rate")] for a, rs in runs.items()}
+    plot_bands(ood_ax, {a: s for a, s in ood.items() if s}, colors=colors)
+    ood_ax.axhline(0.01, color="gray", linestyle=":", label="the data's own actions (1%)")
+    ood_ax.set_ylim(bottom=0.0)
+    nll = {a: [r.diagnostics["policy_nll"] for r in rs if r.diagnostics.get("policy_nll")] for a, rs in runs.items()}
+    plot_bands(nll_ax, {a: s for a, s in nll.items() if s}, colors=colors)
+    for algorithm, rs in runs.items():
+        reference = [r.diagnostics["data_nll"][-1][1] for r in rs if r.diagnostics.get("data_nll")]
+        if reference:
+            nll_ax.axhline(float(np.mean(reference)), color=colors[algorithm], linestyle=":",
+                           label=f"{algorithm}: data ({np.mean(reference):.2f})")
+    for ax, ylabel, title in ((score_ax, "normalised score", "learning curves"),
+                              (ood_ax, "OOD rate", "actions below the data's 1st-percentile likelihood"),
+                              (nll_ax, "-log pi_beta(a | s)", "policy NLL under the frozen flow")):
+        ax.set(xlabel="training step", ylabel=ylabel, title=title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{dataset}: how far the policy strays from the data (mean ± std over seeds)")
+    fig.tight_layout()
+    path = out / f"behaviour_likelihood_{file_safe(dataset)}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
+
+
+def latent_histogram_figure(dataset: str, runs: dict[str, list[Run]], out: Path) -> str:
+    """Small multiples: rows = algorithms, columns = latent dimensions; the last evaluation's latents as bars
+    (fraction of states per bin, summed over seeds), the data's latents as an outline; bins on an index axis
+    (the outer bins are wider), the box [-1, 1] shaded."""
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for algorithm, rs in runs.items():
+        histograms = [r.latent_histogram for r in rs if r.latent_histogram]
+        if not histograms:
+            continue
+        edges = histograms[0]["edges"]
+        shape = np.shape(histograms[0]["counts"])
+        same = [h for h in histograms if h["edges"] == edges and np.shape(h["counts"]) == shape]
+        counts = np.sum([h["counts"] for h in same], axis=0)
+        data = [h["data_counts"] for h in same if "data_counts" in h]
+        rows.append((algorithm, edges, counts, np.sum(data, axis=0) if data else None, len(same)))
+    n_dims = max(len(counts) for _, _, counts, _, _ in rows)
+    fig, axes = plt.subplots(len(rows), n_dims, figsize=(1.9 * n_dims + 1, 1.6 * len(rows) + 0.8), squeeze=False)
+    for row, (algorithm, edges, counts, data, n_runs) in enumerate(rows):
+        box = [i for i, e in enumerate(edges) if -1.0 <= e <= 1.0]  # bin i spans [edges[i-1], edges[i])
+        ticks = [i + 1 for i, e in enumerate(edges) if e in (-4.0, -1.0, 0.0, 1.0, 4.0)]
+        labels = [f"{e:g}" for e in edges if e in (-4.0, -1.0, 0.0, 1.0, 4.0)]
+        for dim in range(n_dims):
+            ax = axes[row][dim]
+            if dim >= len(counts):
+                ax.axis("off")
+                continue
+            positions = np.arange(len(counts[dim])) + 0.5
+            if box:
+                ax.axvspan(box[0] + 1, box[-1] + 1, color="0.92", zorder=0)
+            ax.bar(positions, counts[dim] / max(counts[dim].sum(), 1), width=1.0, color="C0", alpha=0.8)
+            if data is not None:
+                ax.step(np.arange(len(data[dim]) + 1), np.r_[data[dim], data[dim][-1]] / max(data[dim].sum(), 1),
+                        where="post", color="k", linewidth=0.8)
+            ax.set_xticks(ticks, labels, fontsize=6)
+            ax.tick_params(axis="y", labelsize=6)
+            if row == 0:
+                ax.set_title(f"z[{dim}]", fontsize=8)
+            if dim == 0:
+                label = algorithm.replace("[", "\n[")  # a --split_by variant on its own line
+                ax.set_ylabel(f"{label}\n(n={n_runs})", fontsize=6)
+    fig.suptitle(f"{dataset}: policy latents at the last evaluation (bars) and the data's (outline)", fontsize=9)
+    fig.tight_layout()
+    path = out / f"latent_histograms_{file_safe(dataset)}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
+
+
+def final_diagnostics(runs: Sequence[Run]) -> dict[str, list[float]]:
+    """name -> the runs' values at their last evaluation, for the runs that logged it."""
+    names = ("policy_nll", "data_nll", "ood_rate", "latent_abs_max")
+    return {name: [r.diagnostics[name][-1][1] for r in runs if r.diagnostics.get(name)] for name in names}
+
+
+def diagnostics_table(groups: dict[tuple[str, str], list[Run]]) -> list[str]:
+    """Markdown rows: per (dataset, algorithm) with in-run diagnostics, the last evaluation's values."""
+    def cell(values: list[float], scale: float = 1.0, unit: str = "") -> str:
+        if not values:
+            return "-"
+        mean, std = mean_std([scale * v for v in values])
+        return f"{mean:.2f}{unit} ± {std:.2f}{unit}"
+
+    lines = ["| dataset | algorithm | policy NLL | data NLL | OOD rate | max abs latent | runs |",
+             "|---|---|---|---|---|---|---|"]
+    for (dataset, algorithm), runs in sorted(groups.items()):
+        final = final_diagnostics(runs)
+        if not final["ood_rate"]:
+            continue
+        lines.append(f"| {dataset} | {algorithm} | {cell(final['policy_nll'])} | {cell(final['data_nll'])} | "
+                     f"{cell(final['ood_rate'], 100.0, '%')} | {cell(final['latent_abs_max'])} | "
+                     f"{len(final['ood_rate'])} |")
+    return lines if len(lines) > 2 else []
 
 
 def score_cell(runs: Sequence[Run]) -> str:
@@ -523,12 +669,24 @@ def write_report(runs: Sequence[Run], out: Path, left_out: Sequence[tuple[Run, s
     if skipped:
         lines += ["", f"Unreadable run directories, skipped ({len(skipped)}):", ""]
         lines += [f"- `{path}`: {reason}" for path, reason in skipped]
+    diagnostics = diagnostics_table(groups)
+    if diagnostics:
+        lines += ["", "## Behaviour likelihood (last evaluation)", "",
+                  "How far each policy's evaluation actions stray from the data, under its run's frozen flow "
+                  "(cnf.py's `BehaviourLikelihood`): mean -log pi_beta(a | s) of the policy's actions and of the "
+                  "data's own at 10k fixed dataset states, the fraction of policy actions below the data's "
+                  "1st-percentile log-likelihood (the data itself: 1%), and the largest |latent|; mean ± std over "
+                  "runs. Each run's flow is its own (a Normal ablation's is Normal-latent): compare NLLs against "
+                  "the row's data NLL; `python algorithms/behavior_likelihood.py` scores runs under one flow.", "",
+                  *diagnostics]
     in_paper = sorted({paper_dataset_name(d) for d, _ in groups} & PAPER_TABLE1.keys())
     if in_paper:
         lines += ["", "## Paper, Table 1 (reference)", "",
                   "| dataset | " + " | ".join(PAPER_COLUMNS) + " |", "|---|" + "---|" * len(PAPER_COLUMNS)]
         lines += [f"| {paper} | " + " | ".join(PAPER_TABLE1[paper]) + " |" for paper in in_paper]
-    for title, kind in (("Learning curves (Fig. 4)", "learning_curves"), ("Flow NLL (Fig. 8)", "flow_nll")):
+    for title, kind in (("Learning curves (Fig. 4)", "learning_curves"), ("Flow NLL (Fig. 8)", "flow_nll"),
+                        ("Behaviour likelihood (Figs. 3, 5, 6)", "behaviour_likelihood"),
+                        ("Latent histograms, last evaluation", "latent_histograms")):
         if figures[kind]:
             lines += ["", f"## {title}", ""] + [f"![{d}]({name})" for d, name in sorted(figures[kind].items())]
     lines += ["", "## Runs", "",
@@ -551,7 +709,8 @@ def write_report(runs: Sequence[Run], out: Path, left_out: Sequence[tuple[Run, s
         mean, std = mean_std(scores) if scores else (None, None)
         summary[f"{d}|{a}"] = {"dataset": d, "algorithm": a, "scores": scores, "seeds": [r.seed for r in rs],
                                "running": sum(not r.finished for r in rs), "mean": mean, "std": std,
-                               "paper": paper_score(a, d), "dataset_normalized_score": averages.get(d)}
+                               "paper": paper_score(a, d), "dataset_normalized_score": averages.get(d),
+                               "diagnostics": final_diagnostics(rs)}
     (out / "summary.json").write_text(json.dumps({
         "groups": summary, "figures": figures,
         "left_out": [{"path": str(run.path), "state": run.state, "reason": reason} for run, reason in left_out],

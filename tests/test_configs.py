@@ -1,4 +1,5 @@
-"""algorithms/configs/: every YAML loads into its script's TrainConfig, and the per-dataset ones hold the paper's values."""
+"""algorithms/configs/: every YAML loads into its script's TrainConfig, and the per-dataset ones hold the paper's
+values."""
 import importlib.util
 import subprocess
 import sys
@@ -61,7 +62,12 @@ def test_per_dataset_values(algorithm, dataset):
     config = load(CONFIGS / algorithm / f"{dataset}.yaml")
     maze = dataset.startswith("maze2d")
     assert config.env == dataset
-    assert config.eval_every == 5000
+    # The paper's protocol (Sec. 5) for every algorithm: every 5000 updates, every 100 on HalfCheetah, where
+    # the last 10 evaluations then span the last 1000 updates; checkpoints keep a 5000-update schedule.
+    if dataset.startswith("halfcheetah"):
+        assert (config.eval_every, config.checkpoint_every) == (100, 5000)
+    else:
+        assert config.eval_every == 5000 and config.checkpoint_every is None
     if algorithm in ("cnf", "cnf_normal_ablation", "cnf_latent_only", "cnf_vae"):  # the paper's Tables 2-3
         assert config.train_steps == (200_000 if dataset.startswith("halfcheetah") else 1_000_000)
         assert config.batch_size == (10240 if maze else 512)
@@ -84,7 +90,8 @@ def test_per_dataset_values(algorithm, dataset):
         assert (config.target_lambda, config.phi, config.normalize_states) == (0.75, 0.0, False)
     if algorithm == "awac":  # CORL
         assert config.awac_lambda == pytest.approx(0.1 if maze else 1 / 3, abs=1e-4)
-        assert (config.batch_size, config.train_steps, config.tau, config.reward_scaling) == (256, 1_000_000, 5e-3, "none")
+        assert (config.batch_size, config.train_steps) == (256, 1_000_000)
+        assert (config.tau, config.reward_scaling) == (5e-3, "none")
         assert config.eval_episodes == (100 if maze else 10)
     if algorithm == "iql":  # CORL, dataset by dataset
         hopper_m_mr = dataset in ("hopper-medium-v2", "hopper-medium-replay-v2")

@@ -75,21 +75,27 @@ def test_legacy_pins():
     assert Version("0.29.37") in cython and Version("3.0.0") not in cython and Version("3.1.2") not in cython
     assert re.fullmatch(r"==0\.23\.\d+", str(reqs["gym"][0].specifier))
     d4rl = reqs["d4rl"][0]
-    assert d4rl.url and re.fullmatch(r"git\+https://github\.com/Farama-Foundation/D4RL(\.git)?@([0-9a-f]{40}|master)", d4rl.url)
+    pattern = r"git\+https://github\.com/Farama-Foundation/D4RL(\.git)?@([0-9a-f]{40}|master)"
+    assert d4rl.url and re.fullmatch(pattern, d4rl.url)
 
 
 def test_install_then_build_time_check_then_project():
     ins = instructions()
     mujoco = index(lambda kw, a: kw == "RUN" and "mujoco210-linux-x86_64.tar.gz" in a, "MuJoCo RUN")
     ld_path = index(lambda kw, a: kw == "ENV" and "LD_LIBRARY_PATH" in env_vars(a), "LD_LIBRARY_PATH ENV")
-    copy_reqs = index(lambda kw, a: kw == "COPY" and "requirements-docker.txt" in a.split()[:-1], "COPY of requirements-docker.txt")
-    pip = index(lambda kw, a: kw == "RUN" and "pip install" in a and "requirements-docker.txt" in a, "pip install of it")
+    copy_reqs = index(lambda kw, a: kw == "COPY" and "requirements-docker.txt" in a.split()[:-1],
+                      "COPY of requirements-docker.txt")
+    pip = index(lambda kw, a: kw == "RUN" and "pip install" in a and "requirements-docker.txt" in a,
+                "pip install of it")
     pip_cmds = [c for c in re.split(r"&&|;", ins[pip][1]) if "pip install" in c]
-    assert any(" -r " in c and "--no-deps" not in c for c in pip_cmds), "the PyPI pins must be installed with their dependencies"
+    assert any(" -r " in c and "--no-deps" not in c for c in pip_cmds), \
+        "the PyPI pins must be installed with their dependencies"
 
     def is_check(kw, args):
-        imported = {m.strip() for grp in re.findall(r"\bimport\s+([\w.]+(?:\s*,\s*[\w.]+)*)", args) for m in grp.split(",")}
-        return kw == "RUN" and "python -c" in args and {"mujoco_py", "d4rl", "gym"} <= imported and D4RL_ENV.search(args)
+        groups = re.findall(r"\bimport\s+([\w.]+(?:\s*,\s*[\w.]+)*)", args)
+        imported = {m.strip() for grp in groups for m in grp.split(",")}
+        return (kw == "RUN" and "python -c" in args and {"mujoco_py", "d4rl", "gym"} <= imported
+                and D4RL_ENV.search(args))
 
     check = index(is_check, "build-time `import mujoco_py, d4rl, gym; gym.make('<d4rl env>')` RUN")
     assert mujoco < check and ld_path < check and copy_reqs < pip < check
@@ -105,7 +111,8 @@ def test_consistent_with_requirements_txt():
         other, comment = docker[name]
         if other.specifier != req.specifier or other.url != req.url:
             assert re.match(r"differs from requirements\.txt: \S", comment), \
-                f"{req.name}: {other.specifier or other.url} vs {req.specifier}, without '# differs from requirements.txt: <reason>'"
+                (f"{req.name}: {other.specifier or other.url} vs {req.specifier}, "
+                 f"without '# differs from requirements.txt: <reason>'")
 
 
 def test_dockerignore():

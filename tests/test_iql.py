@@ -36,7 +36,8 @@ def test_value_step_minimises_the_expectile_loss_with_the_configured_tau(expecti
     agent = iql.IQL(4, 3, tiny_config(expectile=expectile))
     states, actions = torch.randn(64, 4), torch.rand(64, 3) * 1.8 - 0.9
     with torch.no_grad():
-        residuals = lambda: (agent.target_critic(states, actions).min(0).values - agent.value(states))[:, 0]  # noqa: E731
+        def residuals():
+            return (agent.target_critic(states, actions).min(0).values - agent.value(states))[:, 0]
         agent.value.net[-1].bias += residuals().median()  # centre V: residuals of both signs
         u = residuals().numpy()
     assert (u > 0).any() and (u < 0).any()  # both branches of the asymmetric loss are exercised

@@ -17,7 +17,9 @@ ALGORITHM_FILES = sorted(p.stem for p in (ROOT / "algorithms").glob("*.py")
                          if "class TrainConfig" in p.read_text() and "def load_offline_data" in p.read_text())
 TINY = {"train_steps": "20", "eval_every": "10", "eval_episodes": "2", "batch_size": "16"}
 TINY_PHASE_1 = {"flow_steps": "10", "flow_eval_every": "5", "flow_layers": "2", "flow_hidden": "8",
-                "vae_steps": "10", "vae_hidden": "16", "behavior_steps": "10", "hidden_dim": "16"}
+                "vae_steps": "10", "vae_hidden": "16", "hidden_dim": "16"}
+TINY_OWN = {"sfbc": ["--score_widths", "32", "16", "--critic_hidden", "32", "--critic_steps", "10",
+                     "--planning_candidates", "4", "--eval_candidates", "4", "--solver_steps", "3"]}
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +94,7 @@ def test_every_algorithm_file_runs_on_a_minari_dataset(minari_store, tmp_path, a
 
     fields = (ROOT / "algorithms" / f"{algo}.py").read_text()
     flags = [f"--{k}={v}" for k, v in {**TINY, **TINY_PHASE_1}.items() if f"\n    {k}:" in fields]
+    flags += TINY_OWN.get(algo, [])
     result = run_algorithm(algo, "--env", DATASET_ID, "--checkpoints_path", str(tmp_path), "--run_name", "r", *flags)
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((tmp_path / "r" / "results.json").read_text())

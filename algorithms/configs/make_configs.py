@@ -76,7 +76,8 @@ def cnf_rl(dataset: str) -> List[Field]:
     return [
         ("train_steps", 200_000 if cheetah else 1_000_000,  # the text's 1M; its Table 2 prints 100k
          "paper text: HalfCheetah 200k" if cheetah else "paper text: 1M (Table 2 prints 100k)"),
-        ("batch_size", 10240 if maze else 512, "paper: maze2d 10240" if maze else "official run config (grid {256, 512, 1024})"),
+        ("batch_size", 10240 if maze else 512,
+         "paper: maze2d 10240" if maze else "official run config (grid {256, 512, 1024})"),
         ("hidden_dim", 256, ""),
         ("n_layers", 4, "official run config (grid {3, 4})"),
         ("actor_lr", 3e-4, ""),
@@ -244,11 +245,14 @@ HEADERS = {
            "random search (one flow per dataset, shared by the seeds):\n"
            "  python algorithms/cnf_flow_search.py --config_path {path} --trials {trials} --out flows/{dataset}.pt\n"
            "  python algorithms/cnf.py --config_path {path} --flow_checkpoint flows/{dataset}.pt --seed 0",
-    "cnf_normal_ablation": "Normal-latent ablation (algorithms/cnf_normal_ablation.py), Figs. 5, 6, 8: CNF's values for this\n"
+    "cnf_normal_ablation": "Normal-latent ablation (algorithms/cnf_normal_ablation.py), Figs. 5, 6, 8: CNF's values "
+                           "for this\n"
                            "dataset (configs/cnf/{dataset}.yaml) with a Normal latent; Fig. 6 adds --latent_clip A.",
-    "cnf_latent_only": "Latent-only ablation (algorithms/cnf_latent_only.py), Fig. 9 (A.4): CNF's values for this dataset\n"
+    "cnf_latent_only": "Latent-only ablation (algorithms/cnf_latent_only.py), Fig. 9 (A.4): CNF's values for this "
+                       "dataset\n"
                        "(configs/cnf/{dataset}.yaml); only where the gradient flows differs.",
-    "cnf_vae": "CNF-VAE (algorithms/cnf_vae.py), Fig. 7: CNF's RL values for this dataset (configs/cnf/{dataset}.yaml)\n"
+    "cnf_vae": "CNF-VAE (algorithms/cnf_vae.py), Fig. 7: CNF's RL values for this dataset "
+               "(configs/cnf/{dataset}.yaml)\n"
                "with PLAS's official CVAE (Wenxuan-Zhou/PLAS main.py defaults) as the decoder.",
     "awac": "AWAC (algorithms/awac.py) for Table 1: CORL's configs/offline/awac/ values for this dataset.",
     "iql": "IQL (algorithms/iql.py) for Table 1: CORL's configs/offline/iql/ values for this dataset.",

@@ -95,7 +95,8 @@ def rate(step, seconds: float, repeats: int) -> float:
 
 
 def random_batch(batch_size: int, device: str):
-    return (torch.randn(batch_size, STATE_DIM, device=device), torch.rand(batch_size, ACTION_DIM, device=device) * 1.8 - 0.9,
+    return (torch.randn(batch_size, STATE_DIM, device=device),
+            torch.rand(batch_size, ACTION_DIM, device=device) * 1.8 - 0.9,
             torch.randn(batch_size, 1, device=device), torch.randn(batch_size, STATE_DIM, device=device),
             torch.zeros(batch_size, 1, device=device))
 
@@ -120,7 +121,8 @@ def measure_cnf(args, amp: bool, compile: bool = False) -> None:
     name = ("cnf_compiled" if compile else "cnf") + ("_bf16" if amp else "")
     config = cnf.TrainConfig(device=args.device, amp=amp, compile=compile)  # the paper's sizes are the defaults
     flow = cnf.ConditionalFlow(ACTION_DIM, STATE_DIM, config.flow_layers, config.flow_hidden, amp).to(args.device)
-    states, actions = torch.randn(1024, STATE_DIM, device=args.device), torch.rand(1024, ACTION_DIM, device=args.device) * 1.8 - 0.9
+    states = torch.randn(1024, STATE_DIM, device=args.device)
+    actions = torch.rand(1024, ACTION_DIM, device=args.device) * 1.8 - 0.9
     flow.encode(actions, states, initialize=True)
     pretrainer = cnf.FlowPretrainer(flow, config)
     flow_step = cnf.compiled(lambda: pretrainer.train(actions, states)["flow/train_nll"], config)
@@ -144,7 +146,8 @@ def measure_official(args) -> None:
     device = torch.device(args.device)
     flow = make_flow(device, 12, ACTION_DIM, STATE_DIM, 256, add_atanh=True, uniform_latent=True,
                      state_embedding_mean=torch.zeros(STATE_DIM), state_embedding_std=torch.ones(STATE_DIM))
-    states, actions = torch.randn(1024, STATE_DIM, device=device), torch.rand(1024, ACTION_DIM, device=device) * 1.8 - 0.9
+    states = torch.randn(1024, STATE_DIM, device=device)
+    actions = torch.rand(1024, ACTION_DIM, device=device) * 1.8 - 0.9
     flow.log_prob(actions, states)  # ActNorm data init, as its init_flow_act_norm does
     optimizer = torch.optim.AdamW(flow.parameters(), lr=5e-4, weight_decay=1e-4)
 
@@ -162,7 +165,8 @@ def measure_official(args) -> None:
     critic_1 = Critic(STATE_DIM, ACTION_DIM, 256, n_layers=4).to(device)
     critic_2 = Critic(STATE_DIM, ACTION_DIM, 256, n_layers=4).to(device)
     algorithm = AdvantageWeightedActorCritic(
-        actor, torch.optim.Adam(actor.parameters(), lr=3e-4), critic_1, torch.optim.Adam(critic_1.parameters(), lr=3e-4),
+        actor, torch.optim.Adam(actor.parameters(), lr=3e-4),
+        critic_1, torch.optim.Adam(critic_1.parameters(), lr=3e-4),
         critic_2, torch.optim.Adam(critic_2.parameters(), lr=3e-4), gamma=0.99, tau=2e-3, awac_lambda=1 / 3, flow=flow)
     s, a, r, s2, d = random_batch(512, args.device)
     update = lambda: algorithm.update(s, a, r, d, s2)  # noqa: E731  (its batch order: s, a, r, done, s')
@@ -263,7 +267,8 @@ def load_corl(corl_dir: str, name: str):
     sys.modules["gym"] = gym = types.ModuleType("gym")
     gym.Env = object
     try:
-        spec = importlib.util.spec_from_file_location(f"corl_{name}", Path(corl_dir) / "algorithms" / "offline" / f"{name}.py")
+        path = Path(corl_dir) / "algorithms" / "offline" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"corl_{name}", path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # dataclasses look their module up here
         spec.loader.exec_module(module)
@@ -307,9 +312,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--official", default=None, help="a checkout of github.com/tinkoff-ai/cnf to compare with")
-    parser.add_argument("--corl", default=None, help="a checkout of github.com/corl-team/CORL: also measure its AWAC and IQL")
+    parser.add_argument("--corl", default=None,
+                        help="a checkout of github.com/corl-team/CORL: also measure its AWAC and IQL")
     parser.add_argument("--amp", action="store_true", help="also measure with bfloat16 autocast")
     parser.add_argument("--compile", action="store_true", help="also measure cnf.py and sfbc.py with --compile")
+    parser.add_argument("--cnf_only", action="store_true",
+                        help="cnf.py (and --official) only: skip the other algorithms")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of one timing round")
     parser.add_argument("--repeats", type=int, default=3, help="timing rounds; the median is reported")
     args = parser.parse_args()
@@ -325,6 +333,8 @@ def main() -> None:
         measure_cnf(args, amp=True)
         if args.compile:
             measure_cnf(args, amp=True, compile=True)
+    if args.cnf_only:
+        return
     measure_plas(args)
     measure_awac(args)
     measure_iql(args)
