@@ -59,7 +59,7 @@ class Skip(Exception):
     """A run this tool cannot score; it is reported in one `skipped:` line and the others go on."""
 
 
-# ---- The behaviour flow --------------------------------------------------------------------------
+# %% The behaviour flow
 def load_behaviour_flow(path: str, amp: bool, device: str):
     """FLOW.pt -> (flow in eval mode, state_mean, state_std, the module that defines its BehaviourLikelihood)."""
     if not Path(path).is_file():
@@ -85,7 +85,7 @@ def load_behaviour_flow(path: str, amp: bool, device: str):
     return flow, saved["state_mean"].numpy(), saved["state_std"].numpy(), module
 
 
-# ---- Rebuilding a run's policy ------------------------------------------------------------------
+# %% Rebuilding a run's policy
 def run_algorithm(run_dir: Path, config: dict) -> str:
     results = run_dir / "results.json"
     if results.is_file():
@@ -210,7 +210,7 @@ def score_run(run_dir: Path, flow, flow_mean: np.ndarray, flow_std: np.ndarray, 
     return result
 
 
-# ---- The command line --------------------------------------------------------------------------------
+# %% The command line
 def table(results: Sequence[dict]) -> list:
     lines = ["| run | algorithm | dataset | step | policy NLL | data NLL | OOD rate | max abs latent |",
              "|---|---|---|---|---|---|---|---|"]

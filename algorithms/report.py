@@ -135,7 +135,7 @@ def paper_score(algorithm: str, dataset: str) -> str | None:
     return None if value == "-" else value
 
 
-# ---- Reading runs -----------------------------------------------------------------------------------
+# %% Reading runs
 STALE_AFTER_S = 30 * 60  # a run whose process cannot be checked is dead after this long without a write
 STOPPED_STATES = ("interrupted", "failed", "died")  # run states left out of the tables
 
@@ -397,7 +397,7 @@ def select_runs(runs: Sequence[Run], finished_only: bool = False) -> tuple[list[
     return sorted(counted, key=lambda r: str(r.path)), sorted(left_out, key=lambda item: str(item[0].path))
 
 
-# ---- Statistics --------------------------------------------------------------------------------------
+# %% Statistics
 def group_runs(runs: Sequence[Run]) -> dict[tuple[str, str], list[Run]]:
     groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
     for run in runs:
@@ -432,7 +432,7 @@ def aligned_curve(series: Sequence[Sequence[tuple[int, float]]]
             np.array([len(v) for v in values]))
 
 
-# ---- Writing ---------------------------------------------------------------------------------------------
+# %% Writing
 def file_safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 

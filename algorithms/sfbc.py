@@ -148,7 +148,7 @@ class TrainConfig:
     # ---- [end block: experiment config] ----
 
 
-# ---- 1. Behaviour model: a_t = alpha_t a + sigma_t eps, eps_theta(a_t, t, s) ~ eps -------------------
+# %% 1. Behaviour model: a_t = alpha_t a + sigma_t eps, eps_theta(a_t, t, s) ~ eps
 class VPSDE:
     """Variance-preserving SDE da = -beta(t) a / 2 dt + sqrt(beta(t)) dW, beta(t) = beta_min + t (beta_max - beta_min),
     t in [0, 1]. Its marginals: a_t = alpha_t a_0 + sigma_t eps with log alpha_t = -t^2 (beta_max - beta_min) / 4
@@ -272,7 +272,7 @@ class BehaviorTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-# ---- 2. Sampler: DPM-Solver on the probability-flow ODE --------------------------------------------
+# %% 2. Sampler: DPM-Solver on the probability-flow ODE
 def solver_orders(steps: int, order: int) -> List[int]:
     """DPM-Solver-fast: the order of each step, using exactly `steps` function evaluations (order 3: steps 3, ...,
     3 then one step of 2 and one of 1, or one of `steps % 3`; order 2: steps of 2 and one of 1 if `steps` is odd)."""
@@ -346,7 +346,7 @@ def sample_actions(model: nn.Module, states: torch.Tensor, n: int, sde: VPSDE, c
     return actions.clamp(-1.0, 1.0)
 
 
-# ---- 3. Values by in-sample planning ---------------------------------------------------------------
+# %% 3. Values by in-sample planning
 class Critic(nn.Module):
     """Q(s, a): (s, a) -> hidden -> hidden -> 1 with SiLU (official MlpQnet); float32 output layer."""
 
@@ -438,7 +438,7 @@ def soft_values(critic: Critic, states: torch.Tensor, candidates: torch.Tensor, 
     return torch.cat(values)
 
 
-# ---- 4. Acting: select among behaviour candidates ----------------------------------------------------
+# %% 4. Acting: select among behaviour candidates
 def select_actions(candidates: torch.Tensor, q: torch.Tensor, alpha: float, count: int) -> torch.Tensor:
     """candidates [E, C, act_dim], q [E, C] -> [E, act_dim]: draw `count` candidates without replacement with
     probabilities softmax(alpha q) and average them. Logits above the count-th largest + 40 are capped there
@@ -466,7 +466,7 @@ class SfBC:
         return select_actions(candidates, q, cfg.select_alpha, self.select_count)
 
 
-# ---- The loop: behaviour model, candidates, planning rounds with evaluations ---------------------------
+# %% The loop: behaviour model, candidates, planning rounds with evaluations
 def check_sfbc_config(config: TrainConfig) -> None:
     """SfBC's own settings (the shared ones are checked by `check_config`): one error line each."""
     problems = [

@@ -62,7 +62,7 @@ SWEEP_FLAGS = ("--seed", "--run_name", "--checkpoints_path", "--resume")  # set 
 LOCAL_TIMEOUT_MIN = 60 * 24 * 30  # submitit's local jobs need a time limit; no run should meet this one
 
 
-# ---- The grid ------------------------------------------------------------------------------------------
+# %% The grid
 @dataclass(frozen=True)
 class RunSpec:
     algorithm: str
@@ -137,7 +137,7 @@ def run_command(run: RunSpec, python: str = sys.executable) -> list[str] | None:
             "--run_name", run.run_dir.name, *run.extra_args]
 
 
-# ---- Jobs ----------------------------------------------------------------------------------------------
+# %% Jobs
 @dataclass
 class RunJob:
     """One run as a submitit job. submitit pickles it (cloudpickle, by value: this module need not be
@@ -245,7 +245,7 @@ def launch(jobs: list[RunJob], executor, workers: int | None, poll_s: float = 0.
     return failures
 
 
-# ---- Command line --------------------------------------------------------------------------------------
+# %% Command line
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
