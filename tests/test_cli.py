@@ -136,11 +136,13 @@ def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
            "--dataset_path", data, "--checkpoints_path", str(tmp_path / "runs"), "--run_name", "r",
            *TINY_FLOW, "--flow_steps", "100000", "--flow_eval_every", "20"]
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline:
         time.sleep(0.2)
+    assert (run_dir / "checkpoint.pt").exists(), "no checkpoint after 300 s"
+    time.sleep(0.5)  # inside the training loop, past start-up
     process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=60)
+    out, err = process.communicate(timeout=180)
     assert process.returncode == 130, err
     assert "Traceback" not in err and f"--resume {run_dir}" in err and "step" in err
     assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"
