@@ -135,7 +135,10 @@ def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
     cmd = [sys.executable, str(ROOT / "algorithms" / "cnf.py"), "--device", "cpu", "--wandb_mode", "disabled",
            "--dataset_path", data, "--checkpoints_path", str(tmp_path / "runs"), "--run_name", "r",
            *TINY_FLOW, "--flow_steps", "100000", "--flow_eval_every", "20"]
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal delivers it: a process started in the background by a non-interactive shell (as CI
+    # may start the suite) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline:
         time.sleep(0.2)
