@@ -250,9 +250,9 @@ class AWAC:
             # ---- [block: critic step | copied from cnf.py] ----
             target = rewards + cfg.gamma * (1.0 - dones) * next_q
         q = self.critic(states, actions)  # [2, B, 1]
-        critic_loss = ((q - target) ** 2).mean(dim=(1, 2)).sum()  # MSE of Q1 plus MSE of Q2
+        critic_loss = ((q - target) ** 2).mean(dim=(-2, -1)).sum(0)  # MSE of Q1 plus MSE of Q2
         self.critic_optimizer.zero_grad(set_to_none=True)
-        critic_loss.backward()
+        critic_loss.sum().backward()
         self.critic_optimizer.step()
             # ---- [end block: critic step] ----
 

@@ -6,6 +6,7 @@ of Normalizing Flows" (arXiv 2211.11096): Table 1 and Fig. 4 (CNF column).
     python algorithms/cnf.py --env halfcheetah-medium-v2                 # D4RL (Docker image)
     python algorithms/cnf.py --config_path algorithms/configs/cnf/quick.yaml   # CPU quick preset
     python algorithms/cnf.py --dataset_path FILE.hdf5 --eval_env Hopper-v4      # any D4RL-format file
+    python algorithms/cnf.py --env halfcheetah-medium-v2 --seeds 0 1 2   # 3 seeds, one process, one flow (SeedCNF)
 
 Phase 1 (Algorithm 1, Eq. 5): fit a conditional flow a = f^-1(z | s) to the dataset's actions by
 maximum likelihood; its first layer is atanh, its last tanh, its base Uniform(-1, 1)^n, so every
@@ -39,8 +40,9 @@ Choices where the paper and the official code (tinkoff-ai/cnf) are silent or whe
 - Evaluation acts deterministically, a = f^-1(tanh(mu(s)) | s). The paper does not say; the official
   `evaluate` never switches the actor to eval mode, so it samples z ~ pi(. | s) while evaluating.
 
-Reading order: config, flow (Eq. 5), latent policy, phase 1, phase 2 (`CNF.train`), the diagnostic, the loop; then,
-below one banner, the plumbing every file shares. tests/test_copies.py checks the `[block: ...]` copies.
+Reading order: config, flow (Eq. 5), latent policy, phase 1, phase 2 (`CNF.train`), the diagnostic, the loop, several
+seeds in one process (`SeedCNF`); then, below one banner, the plumbing every file shares. tests/test_copies.py checks
+the `[block: ...]` copies.
 """
 
 import copy
@@ -50,12 +52,13 @@ import os
 import pickle
 import random
 import re
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -96,6 +99,7 @@ class TrainConfig:
     exp_adv_max: float = 100.0  # clamp of the advantage weights (official code)
     # ---- [end block: rl config] ------------------------------------------------------------------------
     train_steps: int = 1_000_000  # phase-2 gradient updates (paper: 1M; HalfCheetah 200k)
+    seeds: Optional[List[int]] = None  # several seeds in one process over one flow, a run directory each (SeedCNF)
     batch_size: int = 512  # phase-2 batch size (paper: {256, 512, 1024}; maze2d 10240)
     eval_every: int = 5_000  # updates between evaluations
     # ---- [block: experiment config] --------------------------------------------------------------------
@@ -375,7 +379,9 @@ class ConditionalFlow(nn.Module):
         return self
 
     def decode_frozen(self, h: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        """The blocks' `decode`, computed from the constants of `freeze` (tests check they agree)."""
+        """The blocks' `decode`, computed from the constants of `freeze` (tests check they agree). Rows may
+        come in leading dims ([N, B, n]: cnf.py's --seeds): they are decoded as one batch of rows."""
+        shape, h, states = h.shape, h.flatten(0, -2), states.flatten(0, -2)
         state_features = torch.addmm(self.state_bias, states.to(self.matmul_dtype), self.state_weight)
         state_features = state_features.view(len(states), self.n_blocks, self.hidden).unbind(1)
         for block, const, features in zip(reversed(self.blocks), reversed(self.frozen), reversed(state_features)):
@@ -388,7 +394,7 @@ class ConditionalFlow(nn.Module):
             raw_log_scale, shift = torch.addmm(const["bias_3"], hidden, const["weight_3"]).float().chunk(2, dim=-1)
             transformed = (transformed - shift) * torch.exp(const["neg_rescale"] * torch.tanh(raw_log_scale))
             h = torch.addmm(const["affine_bias"], coupling.join(kept, transformed), const["affine_weight"])
-        return h
+        return h.view(shape)
 
     def param_dtype(self) -> torch.dtype:
         return self.blocks[0].actnorm.shift.dtype
@@ -480,6 +486,8 @@ class CNF:
     def train(self, batch: Tuple[torch.Tensor, ...]) -> Dict[str, torch.Tensor]:
         states, actions, rewards, next_states, dones = batch
         cfg = self.config
+        # Shapes are one agent's; cnf.py's --seeds (SeedCNF) puts a seed axis in front ([N, B, 1]): hence dims
+        # counted from the end, and each loss kept per seed and summed for the backward pass.
         # Eq. 6, critic target: y = r + gamma (1 - d) min_i Q_i'(s', f^-1(z' | s')), z' ~ pi(. | s').
         with torch.no_grad():
             next_actions = self.flow.decode(self.actor(next_states), next_states)
@@ -487,9 +495,9 @@ class CNF:
             # ---- [block: critic step] ---------------------------------------------------------------
             target = rewards + cfg.gamma * (1.0 - dones) * next_q
         q = self.critic(states, actions)  # [2, B, 1]
-        critic_loss = ((q - target) ** 2).mean(dim=(1, 2)).sum()  # MSE of Q1 plus MSE of Q2
+        critic_loss = ((q - target) ** 2).mean(dim=(-2, -1)).sum(0)  # MSE of Q1 plus MSE of Q2
         self.critic_optimizer.zero_grad(set_to_none=True)
-        critic_loss.backward()
+        critic_loss.sum().backward()
         self.critic_optimizer.step()
         # ---- [end block: critic step] -----------------------------------------------------------------
 
@@ -498,20 +506,20 @@ class CNF:
         # Eq. 7, advantage A(s, a) = Q(s, a) - Q(s, f^-1(z | s)), Q = min(Q1, Q2), with the updated
         # critics, both actions in one batched pass.
         with torch.no_grad():
-            both = self.critic(torch.cat([states, states]), torch.cat([actions, policy_actions]))
-            q_data, q_policy = both.min(0).values.chunk(2)  # [B, 1] each
+            both = self.critic(torch.cat([states, states], -2), torch.cat([actions, policy_actions], -2))
+            q_data, q_policy = both.min(0).values.chunk(2, -2)  # [B, 1] each
             weights = torch.exp((q_data - q_policy) / cfg.awac_lambda).clamp(max=cfg.exp_adv_max)
         # Eq. 8, policy loss: advantage-weighted L1 distance between data and decoded actions.
-        actor_loss = (weights * (actions - policy_actions).abs()).mean()
+        actor_loss = (weights * (actions - policy_actions).abs()).mean(dim=(-2, -1))
         # ---- [block: actor step and target update] -------------------------------------------------
         self.actor_optimizer.zero_grad(set_to_none=True)
-        actor_loss.backward()
+        actor_loss.sum().backward()
         self.actor_optimizer.step()
 
         with torch.no_grad():  # Polyak averaging of the target critics, one fused op
             torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()), cfg.tau)
         return {"critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach(),
-                "q_mean": q.detach().mean(), "adv_weight_mean": weights.mean()}
+                "q_mean": q.detach().mean(dim=(0, -2, -1)), "adv_weight_mean": weights.mean(dim=(-2, -1))}
         # ---- [end block: actor step and target update] ---------------------------------------------
     # ---- [end block: cnf update] ---------------------------------------------------------------------
 
@@ -794,7 +802,12 @@ def flow_for_phase_2(config: TrainConfig, buffer: "ReplayBuffer",
 
 
 def train(config: TrainConfig) -> Path:
-    """Phase 1 (or its saved flow), phase 2, evaluations, checkpoints; returns the results.json path."""
+    """Phase 1 (or its saved flow), phase 2, evaluations, checkpoints; returns the results.json path.
+    Two or more --seeds: `train_seeds` (one --seeds S is --seed S)."""
+    seeds = checked_seeds(config)
+    if len(seeds) > 1:
+        return train_seeds(config, seeds)
+    config = replace(config, seed=seeds[0])
     data = load_offline_data(config)
     run = start_run(config, data)
     buffer = ReplayBuffer(data, config.device)
@@ -803,9 +816,304 @@ def train(config: TrainConfig) -> Path:
     diagnostic = BehaviourLikelihood(agent.flow, buffer.states, buffer.actions, config.seed)
     results = train_agent(agent, buffer, run, checkpoint, desc="phase 2: RL",
                           diagnose=diagnostic.hook(latent_policy(agent), run))
-    flow_file = run.dir / "flow.pt"
-    return finish_run(run, {**results, "flow_best_valid_nll": float(torch_load(flow_file)["best_valid_nll"])
-                            if flow_file.exists() else None})
+    return finish_run(run, {**results, "flow_best_valid_nll": best_flow_nll(run.dir)})
+
+
+def best_flow_nll(run_dir: Path) -> Optional[float]:
+    """Phase 1's best validation NLL, from RUN_DIR/flow.pt (None when the flow came from --flow_checkpoint)."""
+    flow_file = run_dir / "flow.pt"
+    return float(torch_load(flow_file)["best_valid_nll"]) if flow_file.exists() else None
+
+
+# %% Several seeds in one process (`--seeds 0 1 2`): N agents over one flow, one batched update
+def ensemble_of(net: nn.Sequential, seeds: int) -> nn.Sequential:
+    """`net` for N seeds: each linear layer becomes N independent ones, freshly initialised. An nn.Linear becomes a
+    VectorizedLinear of N members, a VectorizedLinear of E members one of E x N (member e x N + i: seed i's e-th)."""
+    def widen(layer: nn.Module) -> nn.Module:
+        if isinstance(layer, nn.Linear):
+            return VectorizedLinear(layer.in_features, layer.out_features, seeds)
+        if isinstance(layer, VectorizedLinear):
+            members, in_dim, out_dim = layer.weight.shape
+            return VectorizedLinear(in_dim, out_dim, members * seeds)
+        return layer
+
+    return nn.Sequential(*map(widen, net))
+
+
+class SeedTwinCritic(TwinCritic):
+    """TwinCritic over the seed axis: one ensemble of 2N members, Q1 of seeds 1..N then Q2 of seeds 1..N;
+    Q(s, a) for states [N, B, state_dim] and actions [N, B, act_dim] -> [2, N, B, 1]."""
+
+    def __init__(self, state_dim: int, action_dim: int, hidden: int, n_layers: int, amp: bool, seeds: int):
+        super().__init__(state_dim, action_dim, hidden, n_layers, amp)
+        self.net = ensemble_of(self.net, seeds)
+
+    def forward(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([states, actions], dim=-1).repeat(2, 1, 1)  # [2N, B, in]: every seed's batch, for Q1 and Q2
+        *hidden_layers, output_layer = self.net
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            for layer in hidden_layers:
+                x = layer(x)
+        return output_layer(x.float()).view(2, *states.shape[:-1], 1)
+
+
+class SeedCNF(CNF):
+    """N seeds' CNF agents trained in lock-step over one frozen flow (`--seeds`), each update one batched pass.
+
+    The seed axis: every batch tensor gets a leading axis of N seeds, [N, B, ...], each seed its own minibatch
+    (SeedBatches) and its own noise. The actor's and the critics' linear layers become ensembles over it, as the
+    twin critic's two heads already are (VectorizedLinear: the actor N members, the critics 2N); the frozen flow
+    decodes the N x B rows at once. `CNF.train` is the update as it stands: its losses stay per seed and are summed,
+    so no gradient crosses seeds, and Adam, elementwise, is N Adams over the stacked parameters. So seed i's agent
+    is the paper's algorithm (tests/test_seeds.py checks it step by step against CNF). Its initial weights,
+    batches and noise are draws from the one random stream that the first seed seeds, so it is not bitwise a
+    `--seed i` run; phase 1 runs once, with the first seed (the paper trains one flow per dataset). Each seed has
+    its own run directory (SeedRuns) with what a single run writes; its checkpoint.pt holds its agent as CNF
+    writes one (`seed_state_dict`), and the whole group's state, from which --resume continues all N."""
+
+    def __init__(self, flow: ConditionalFlow, state_dim: int, action_dim: int, config: TrainConfig, seeds: int):
+        super().__init__(flow, state_dim, action_dim, config)  # one agent's networks, made ensembles over the seeds:
+        self.seeds = seeds
+        self.actor.net = ensemble_of(self.actor.net, seeds).to(config.device)
+        self.critic = SeedTwinCritic(state_dim, action_dim, config.hidden_dim, config.n_layers, config.amp,
+                                     seeds).to(config.device)
+        self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.actor_optimizer, self.critic_optimizer = (  # the same optimisers, over the ensembles' parameters
+            type(optimizer)(network.parameters(), **optimizer.defaults)
+            for optimizer, network in ((self.actor_optimizer, self.actor), (self.critic_optimizer, self.critic)))
+
+    def train(self, batch: Tuple[torch.Tensor, ...]) -> Dict[Tuple[int, str], torch.Tensor]:
+        """`CNF.train` on a batch [N, B, ...]; the logged scalars keyed (seed index, name), one per seed."""
+        return {(i, key): value for key, values in super().train(batch).items()
+                for i, value in enumerate(values.unbind())}
+
+    @torch.no_grad()
+    def act(self, states: torch.Tensor) -> torch.Tensor:
+        """Evaluation: states [N x E, state_dim], seed i's E rows after seed i - 1's -> actions [N x E, act_dim]."""
+        return super().act(states.view(self.seeds, -1, states.shape[-1])).flatten(0, 1)
+
+    def seed_policy(self, i: int) -> Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
+        """Seed i's `latent_policy` (for BehaviourLikelihood): states [n, state_dim] -> (actions, latents)."""
+        def policy(states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+            latents = self.actor.deterministic(states.expand(self.seeds, -1, -1))[i]
+            return self.flow.decode(latents, states), latents
+
+        return policy
+
+    def seed_state_dict(self, state: dict, i: int) -> dict:
+        """Seed i's agent in `state` (a SeedCNF.state_dict()), as CNF.state_dict() writes one agent."""
+        return seed_agent_state(state, i, self.seeds)
+
+
+def seed_agent_state(state: dict, i: int, seeds: int) -> dict:
+    """Seed i's slice of a SeedCNF state: the actor's VectorizedLinear [N, in, out] and [N, 1, out] become
+    nn.Linear's [out, in] and [out]; the critics' 2N members [2N, ...] become TwinCritic's [2, ...]; the optimiser
+    states (Adam's moments have their parameters' shapes) likewise."""
+    def one(network: str, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if network == "actor":
+            tensor = tensor[i].T if name.endswith("weight") else tensor[i, 0]
+        else:
+            tensor = tensor.unflatten(0, (2, seeds))[:, i]
+        return tensor.clone(memory_format=torch.contiguous_format)
+
+    out = {network: {name: one(network, name, value) for name, value in state[network].items()}
+           for network in ("actor", "critic", "target_critic")}
+    for network in ("actor", "critic"):
+        names, saved = list(state[network]), state[f"{network}_optimizer"]
+        out[f"{network}_optimizer"] = {"param_groups": saved["param_groups"], "state": {
+            index: {key: value if key == "step" else one(network, names[index], value)
+                    for key, value in moments.items()}
+            for index, moments in saved["state"].items()}}
+    return out
+
+
+class SeedBatches:
+    """The replay buffer as SeedCNF's loop sees it: `sample(B)` draws N independent minibatches, [N, B, ...]."""
+
+    def __init__(self, buffer: "ReplayBuffer", seeds: int):
+        self.buffer, self.seeds = buffer, seeds
+
+    def __getattr__(self, name: str):  # state_mean, state_std, ...: the buffer's
+        return getattr(self.buffer, name)
+
+    def sample(self, batch_size: int) -> Tuple[torch.Tensor, ...]:
+        return tuple(x.view(self.seeds, batch_size, -1) for x in self.buffer.sample(self.seeds * batch_size))
+
+
+def checked_seeds(config: TrainConfig) -> List[int]:
+    """--seeds (or [--seed]), refused before any work when it cannot be run: repeated or negative seeds, a --seed
+    that is none of them, or, with --resume, other seeds than the run's (or a seed's directory gone)."""
+    if config.seeds is None:
+        return [config.seed]
+    seeds, shown = list(config.seeds), " ".join(map(str, config.seeds))
+    if not seeds or len(set(seeds)) < len(seeds) or min(seeds) < 0:
+        raise SystemExit(f"error: --seeds {shown!r} is not allowed: one or more distinct seeds, each 0 or more")
+    if config.resume is not None:
+        saved = load_yaml_config(TrainConfig, str(Path(config.resume) / "config.yaml"), "--resume").seeds
+        if saved != seeds:
+            raise SystemExit(f"error: --seeds {shown} but the run in {config.resume} was started with "
+                             f"{'--seeds ' + ' '.join(map(str, saved)) if saved else 'one seed'}; leave --seeds out")
+    if config.seed not in seeds and config.seed != TrainConfig.seed:
+        raise SystemExit(f"error: --seed {config.seed} and --seeds {shown}: pass one of them (with --seeds each "
+                         f"seed's run directory gets its own seed)")
+    if config.resume is not None and len(seeds) > 1:
+        for run_dir in seed_dirs(Path(config.resume), seeds):
+            if not (run_dir / "config.yaml").is_file():
+                raise SystemExit(f"error: --resume {config.resume}: its seeds' run directory {run_dir} is gone")
+    return seeds
+
+
+def seed_dirs(run_dir: Path, seeds: List[int]) -> List[Path]:
+    """All the run directories of a --seeds run from any one of them: their names differ in `-seed<s>` only."""
+    seed = load_yaml_config(TrainConfig, str(run_dir / "config.yaml"), "--resume").seed
+    cut = run_dir.name.rfind(f"-seed{seed}")
+    head, tail = run_dir.name[:cut], run_dir.name[cut + len(f"-seed{seed}"):]
+    return [run_dir.with_name(f"{head}-seed{s}{tail}") for s in seeds]
+
+
+class SeedRuns:
+    """The run directories of N seeds, driven as one run by the shared loop (`train_agent`), which calls what it
+    would call on a Run. Each directory gets what a single run writes, with its own seed's scores and losses;
+    its checkpoint.pt holds its agent (CNF's format) and, under "seed_group", the group's state: any one of them
+    resumes all N (the newest wins: a crash between the N atomic writes loses nothing)."""
+
+    def __init__(self, runs: List["Run"], seeds: List[int]):
+        self.runs, self.seeds, self.agent = runs, seeds, None
+        self.config, self.data, self.dir, self.logger = runs[0].config, runs[0].data, runs[0].dir, self
+        saved = runs[0].checkpoint
+        group = saved.get("seed_group") if saved is not None else None
+        self.evaluations = [[tuple(e) for e in seed] for seed in group["evaluations"]] if group else [[] for _ in seeds]
+        # What train_agent resumes from: the group's agent and the loop's own evaluations (the seeds' mean).
+        self.checkpoint = ({**saved, "agent": group["agent"], "evaluations": group["mean_evaluations"]} if group
+                           else saved)
+
+    @classmethod
+    def start(cls, config: TrainConfig, data: "OfflineData", seeds: List[int]) -> "SeedRuns":
+        """Make every seed's run directory, `<run_name>-seed<s>` or `cnf-<data>-seed<s>-<time>` (config.yaml with
+        its seed), or with --resume reopen them all."""
+        if config.resume is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            names = [f"{config.run_name}-seed{s}" if config.run_name else f"{ALGORITHM}-{data.name}-seed{s}-{stamp}"
+                     for s in seeds]
+            configs = [replace(config, seed=s, run_name=name) for s, name in zip(seeds, names)]
+        else:
+            dirs = seed_dirs(Path(config.resume), seeds)
+            newest_checkpoint_everywhere(dirs, len(seeds))
+            configs = [replace(config, seed=s, run_name=d.name, resume=str(d)) for s, d in zip(seeds, dirs)]
+        if config.wandb_mode != "disabled":
+            os.environ["WANDB_REINIT"] = "create_new"  # one wandb run per seed in this process
+        group = cls([start_run(c, data) for c in configs], seeds)
+        set_seed(seeds[0])  # start_run seeded each seed in turn; the first seed's stream drives all N
+        Run.active = group
+        return group
+
+    @property
+    def phase(self) -> str:
+        return self.runs[0].phase
+
+    @phase.setter
+    def phase(self, phase: str) -> None:
+        for run in self.runs:
+            run.phase = phase
+
+    @property
+    def step(self) -> int:
+        return self.runs[0].step
+
+    @step.setter
+    def step(self, step: int) -> None:
+        for run in self.runs:
+            run.step = step
+
+    def set_status(self, state: str) -> None:
+        for run in self.runs:
+            run.set_status(state)
+
+    def log(self, metrics: Dict[Tuple[int, str], float], step: int, phase: str = "rl") -> None:
+        """As the loop's logger: SeedCNF's scalars, keyed (seed index, name), each into its seed's metrics.jsonl."""
+        for i, run in enumerate(self.runs):
+            mine = {name: value for (seed, name), value in metrics.items() if seed == i}
+            if mine:
+                run.logger.log(mine, step, phase)
+
+    def evaluate(self, act: Callable[[torch.Tensor], torch.Tensor], buffer: "ReplayBuffer") -> float:
+        """Every seed's episodes stepped together in one vector env, seed s's reset with seeds s, s + 1, ... as a
+        --seed s run's; each seed's score logged and printed in its own run; returns the seeds' mean."""
+        episodes, data = self.config.eval_episodes, self.data
+        env_seeds = [seed + j for seed in self.seeds for j in range(episodes)]
+        returns = evaluate(data.make_eval_env, act, buffer.state_mean, buffer.state_std, len(env_seeds), env_seeds,
+                           self.config.device).reshape(len(self.seeds), episodes)
+        reference = f"  (dataset average {data.dataset_score:.1f})" if data.dataset_score is not None else ""
+        for run, seed_returns, evaluations in zip(self.runs, returns, self.evaluations):
+            score = float(np.mean(data.normalize_score(seed_returns)))
+            run.logger.log({"eval/normalized_score": score, "eval/return": float(seed_returns.mean())}, step=run.step)
+            run.note(f"step {run.step}  seed {run.config.seed}  normalized {score:.1f}{reference}")
+            evaluations.append((run.step, score))
+        return float(np.mean([evaluations[-1][1] for evaluations in self.evaluations]))
+
+    def save_checkpoint(self, state: dict) -> None:
+        """Every seed's checkpoint.pt: its own agent and scores as a single run's, and the group's state."""
+        group = {"seeds": self.seeds, "agent": state["agent"], "evaluations": self.evaluations,
+                 "mean_evaluations": state["evaluations"]}
+        for i, run in enumerate(self.runs):
+            run.save_checkpoint({**state, "agent": self.agent.seed_state_dict(state["agent"], i),
+                                 "evaluations": self.evaluations[i], "seed_group": group})
+
+    def share_flow(self) -> None:
+        """Phase 1's flow.pt (the first seed's run wrote it) copied into every seed's run directory."""
+        if (self.dir / "flow.pt").exists():
+            for run in self.runs[1:]:
+                shutil.copyfile(self.dir / "flow.pt", run.dir / ".flow.pt.tmp")
+                os.replace(run.dir / ".flow.pt.tmp", run.dir / "flow.pt")
+
+    def diagnose(self, hooks: List[Callable[[int], Dict[str, float]]]) -> Callable[[int], dict]:
+        """train_agent's `diagnose`: each seed's BehaviourLikelihood hook, logged in its own run."""
+        def diagnose(step: int) -> dict:
+            for run, hook in zip(self.runs, hooks):
+                run.logger.log(hook(step), step)
+            return {}
+
+        return diagnose
+
+    def finish(self, results: dict) -> Path:
+        """Each seed's results.json (its own scores; the updates/s are the group's, each seed's rate)."""
+        paths = []
+        for run, evaluations in zip(self.runs, self.evaluations):
+            paths.append(finish_run(run, {**summarize(evaluations), "updates_per_s": results["updates_per_s"],
+                                          "flow_best_valid_nll": best_flow_nll(run.dir)}))
+            print(f"  seed {run.config.seed}: {paths[-1]}")
+        return paths[0]
+
+
+def newest_checkpoint_everywhere(dirs: List[Path], seeds: int) -> None:
+    """Before resuming: a seed whose checkpoint.pt is older than the newest phase-2 one (a stop between the N
+    writes) gets its part of the newest, so every seed resumes, and drops its metrics, from the same step."""
+    saved = {d: torch_load(d / "checkpoint.pt") for d in dirs if (d / "checkpoint.pt").exists()}
+    newest = max(saved.values(), key=lambda c: (phase_rank(c["phase"]), c["step"]), default=None)
+    if newest is None or "seed_group" not in newest:
+        return
+    for i, run_dir in enumerate(dirs):
+        if run_dir not in saved or (saved[run_dir]["phase"], saved[run_dir]["step"]) != ("rl", newest["step"]):
+            group = newest["seed_group"]
+            save_atomic({**newest, "agent": seed_agent_state(group["agent"], i, seeds),
+                         "evaluations": group["evaluations"][i]}, run_dir / "checkpoint.pt")
+
+
+def train_seeds(config: TrainConfig, seeds: List[int]) -> Path:
+    """`train` for N seeds (SeedCNF): one data load, one phase 1 (the first seed's), then the N agents in lock-step,
+    each in its own run directory (SeedRuns); returns the first seed's results.json."""
+    data = load_offline_data(config)
+    group = SeedRuns.start(config, data, seeds)
+    buffer = ReplayBuffer(data, config.device)
+    flow, checkpoint = flow_for_phase_2(group.config, buffer, group.runs[0])
+    group.share_flow()
+    group.agent = agent = SeedCNF(flow, buffer.states.shape[1], buffer.actions.shape[1], group.config, len(seeds))
+    hooks = [BehaviourLikelihood(agent.flow, buffer.states, buffer.actions, seed).hook(agent.seed_policy(i), run)
+             for i, (seed, run) in enumerate(zip(seeds, group.runs))]
+    resumed = group.checkpoint if checkpoint is not None else None
+    results = train_agent(agent, SeedBatches(buffer, len(seeds)), group, resumed,
+                          desc=f"phase 2: RL, {len(seeds)} seeds", diagnose=group.diagnose(hooks))
+    return group.finish(results)
 
 
 # ==== Plumbing shared by every algorithm file (copied from cnf.py; tests/test_copies.py keeps it identical) ====

@@ -371,7 +371,9 @@ class ConditionalFlow(nn.Module):
         return self
 
     def decode_frozen(self, h: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        """The blocks' `decode`, computed from the constants of `freeze` (tests check they agree)."""
+        """The blocks' `decode`, computed from the constants of `freeze` (tests check they agree). Rows may
+        come in leading dims ([N, B, n]: cnf.py's --seeds): they are decoded as one batch of rows."""
+        shape, h, states = h.shape, h.flatten(0, -2), states.flatten(0, -2)
         state_features = torch.addmm(self.state_bias, states.to(self.matmul_dtype), self.state_weight)
         state_features = state_features.view(len(states), self.n_blocks, self.hidden).unbind(1)
         for block, const, features in zip(reversed(self.blocks), reversed(self.frozen), reversed(state_features)):
@@ -384,7 +386,7 @@ class ConditionalFlow(nn.Module):
             raw_log_scale, shift = torch.addmm(const["bias_3"], hidden, const["weight_3"]).float().chunk(2, dim=-1)
             transformed = (transformed - shift) * torch.exp(const["neg_rescale"] * torch.tanh(raw_log_scale))
             h = torch.addmm(const["affine_bias"], coupling.join(kept, transformed), const["affine_weight"])
-        return h
+        return h.view(shape)
 
     def param_dtype(self) -> torch.dtype:
         return self.blocks[0].actnorm.shift.dtype
@@ -532,13 +534,13 @@ class LatentOnlyCNF:
         actor_loss = (weights * (latents - policy_latents).abs()).mean()
         # ---- [block: actor step and target update | copied from cnf.py] ----
         self.actor_optimizer.zero_grad(set_to_none=True)
-        actor_loss.backward()
+        actor_loss.sum().backward()
         self.actor_optimizer.step()
 
         with torch.no_grad():  # Polyak averaging of the target critics, one fused op
             torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()), cfg.tau)
         return {"critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach(),
-                "q_mean": q.detach().mean(), "adv_weight_mean": weights.mean()}
+                "q_mean": q.detach().mean(dim=(0, -2, -1)), "adv_weight_mean": weights.mean(dim=(-2, -1))}
         # ---- [end block: actor step and target update] ----
 
     @torch.no_grad()

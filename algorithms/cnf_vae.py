@@ -283,6 +283,8 @@ class CNFVAE:
     def train(self, batch: Tuple[torch.Tensor, ...]) -> Dict[str, torch.Tensor]:
         states, actions, rewards, next_states, dones = batch
         cfg = self.config
+        # Shapes are one agent's; cnf.py's --seeds (SeedCNF) puts a seed axis in front ([N, B, 1]): hence dims
+        # counted from the end, and each loss kept per seed and summed for the backward pass.
         # Eq. 6, critic target: y = r + gamma (1 - d) min_i Q_i'(s', f^-1(z' | s')), z' ~ pi(. | s').
         with torch.no_grad():
             next_actions = self.vae.decode(self.actor(next_states), next_states)
@@ -290,9 +292,9 @@ class CNFVAE:
             # ---- [block: critic step] ---------------------------------------------------------------
             target = rewards + cfg.gamma * (1.0 - dones) * next_q
         q = self.critic(states, actions)  # [2, B, 1]
-        critic_loss = ((q - target) ** 2).mean(dim=(1, 2)).sum()  # MSE of Q1 plus MSE of Q2
+        critic_loss = ((q - target) ** 2).mean(dim=(-2, -1)).sum(0)  # MSE of Q1 plus MSE of Q2
         self.critic_optimizer.zero_grad(set_to_none=True)
-        critic_loss.backward()
+        critic_loss.sum().backward()
         self.critic_optimizer.step()
         # ---- [end block: critic step] -----------------------------------------------------------------
 
@@ -301,20 +303,20 @@ class CNFVAE:
         # Eq. 7, advantage A(s, a) = Q(s, a) - Q(s, f^-1(z | s)), Q = min(Q1, Q2), with the updated
         # critics, both actions in one batched pass.
         with torch.no_grad():
-            both = self.critic(torch.cat([states, states]), torch.cat([actions, policy_actions]))
-            q_data, q_policy = both.min(0).values.chunk(2)  # [B, 1] each
+            both = self.critic(torch.cat([states, states], -2), torch.cat([actions, policy_actions], -2))
+            q_data, q_policy = both.min(0).values.chunk(2, -2)  # [B, 1] each
             weights = torch.exp((q_data - q_policy) / cfg.awac_lambda).clamp(max=cfg.exp_adv_max)
         # Eq. 8, policy loss: advantage-weighted L1 distance between data and decoded actions.
-        actor_loss = (weights * (actions - policy_actions).abs()).mean()
+        actor_loss = (weights * (actions - policy_actions).abs()).mean(dim=(-2, -1))
         # ---- [block: actor step and target update] -------------------------------------------------
         self.actor_optimizer.zero_grad(set_to_none=True)
-        actor_loss.backward()
+        actor_loss.sum().backward()
         self.actor_optimizer.step()
 
         with torch.no_grad():  # Polyak averaging of the target critics, one fused op
             torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()), cfg.tau)
         return {"critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach(),
-                "q_mean": q.detach().mean(), "adv_weight_mean": weights.mean()}
+                "q_mean": q.detach().mean(dim=(0, -2, -1)), "adv_weight_mean": weights.mean(dim=(-2, -1))}
         # ---- [end block: actor step and target update] ---------------------------------------------
     # ---- [end block: cnf update] -------------------------------------------------------------------
 

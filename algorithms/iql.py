@@ -287,6 +287,8 @@ class IQL:
         # ---- [end block: critics and optimizers] ---------------------------------------------------
         self.value = ValueFunction(state_dim, config.hidden_dim, config.n_layers, config.amp).to(config.device)
         self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=config.value_lr, fused=fused)
+        if config.compile:  # a tensor lr: the cosine schedule then changes a value, not the compiled update
+            self.actor_optimizer.param_groups[0]["lr"] = torch.tensor(config.actor_lr, device=config.device)
         self.actor_lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.actor_optimizer,
                                                                             max(1, config.train_steps))
 
@@ -325,7 +327,7 @@ class IQL:
         return {"value_loss": value_loss.detach(), "critic_loss": critic_loss.detach(),
                 "actor_loss": actor_loss.detach(), "q_mean": q.detach().mean(), "v_mean": v.detach().mean(),
                 "adv_weight_mean": weights.mean(),
-                "actor_lr": torch.tensor(self.actor_optimizer.param_groups[0]["lr"], dtype=torch.float64)}
+                "actor_lr": torch.as_tensor(self.actor_optimizer.param_groups[0]["lr"], dtype=torch.float64)}
 
     @torch.no_grad()
     def act(self, states: torch.Tensor) -> torch.Tensor:

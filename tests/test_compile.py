@@ -53,3 +53,25 @@ def test_a_compiled_run_ends_and_resumes(tmp_path, tiny_hdf5):
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert [e["step"] for e in results["evaluations"]] == [20, 40, 60]
     assert all(e["normalized_score"] == e["normalized_score"] for e in results["evaluations"])  # not NaN
+
+
+def test_iql_compiled_update_does_not_recompile_as_its_lr_anneals():
+    """IQL's actor lr changes at every update (cosine schedule): held as a tensor under --compile, the schedule
+    changes a value inside the compiled update; as a Python float it would recompile the update at every step."""
+    import iql
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    config = iql.TrainConfig(device="cpu", compile=True, hidden_dim=32, n_layers=2, train_steps=100)
+    agent = iql.IQL(5, 3, config)
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(64, 5, generator=g), torch.rand(64, 3, generator=g) * 1.8 - 0.9,
+             torch.randn(64, 1, generator=g), torch.randn(64, 5, generator=g), torch.zeros(64, 1))
+    update = iql.compiled(lambda: agent.train(batch), config)
+    graphs, lrs = [], []
+    for _ in range(5):
+        lrs.append(float(update()["actor_lr"]))
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] > lrs[-1]  # the schedule does anneal
+    assert graphs[1:] == [graphs[0]] * 4, graphs  # compiled once, then replayed

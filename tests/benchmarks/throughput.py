@@ -6,6 +6,9 @@ Prints one line per figure, `<algo> <metric> <value>`:
 - `rl_updates_per_s`: phase-2 updates per second (cnf: actor and critics 4 x 256, batch 512, through
   a frozen 12 x 256 flow; HalfCheetah sizes, 17-dim states, 6-dim actions);
 - `flow_steps_per_s`: phase-1 pre-training steps per second (flow 12 x 256, batch 1024);
+- `cnf_seeds3`: cnf.py `--seeds 0 1 2` (SeedCNF: three agents, one batched update through one flow), same sizes:
+  `rl_updates_per_s` is each seed's (one batched update moves every seed one step), `aten_ops_per_update` and
+  `host_syncs_per_update` are per seed-update (the batched update's, divided by 3);
 - `plas`: the official PLAS sizes (VAE 2 x 750, latent 12; actor and critics 400-300; batch 100);
   `vae_steps_per_s` is its phase-1 (VAE) pre-training steps per second;
 - `lapo`: the official LAPO sizes (CVAE, latent policy, Q_1, Q_2, V all 3 x 256; batch 512), one joint update;
@@ -113,6 +116,15 @@ def report(algo: str, metric: str, value) -> None:
     print(f"{algo} {metric} {value:.1f}" if isinstance(value, float) else f"{algo} {metric} {value}", flush=True)
 
 
+def paper_flow(cnf, config, device: str):
+    """cnf.py's flow at the paper's sizes (12 x 256), ActNorm initialised on a random batch; with that batch."""
+    flow = cnf.ConditionalFlow(ACTION_DIM, STATE_DIM, config.flow_layers, config.flow_hidden, config.amp).to(device)
+    states = torch.randn(1024, STATE_DIM, device=device)
+    actions = torch.rand(1024, ACTION_DIM, device=device) * 1.8 - 0.9
+    flow.encode(actions, states, initialize=True)
+    return flow, states, actions
+
+
 def measure_cnf(args, amp: bool, compile: bool = False) -> None:
     """CNF at the paper's sizes. With `compile`, the update and the flow step go through the script's own
     `compiled` (torch.compile; CUDA graphs on a GPU); ops and syncs are then not counted (the compiled
@@ -120,10 +132,7 @@ def measure_cnf(args, amp: bool, compile: bool = False) -> None:
     cnf = load_algorithm("cnf")
     name = ("cnf_compiled" if compile else "cnf") + ("_bf16" if amp else "")
     config = cnf.TrainConfig(device=args.device, amp=amp, compile=compile)  # the paper's sizes are the defaults
-    flow = cnf.ConditionalFlow(ACTION_DIM, STATE_DIM, config.flow_layers, config.flow_hidden, amp).to(args.device)
-    states = torch.randn(1024, STATE_DIM, device=args.device)
-    actions = torch.rand(1024, ACTION_DIM, device=args.device) * 1.8 - 0.9
-    flow.encode(actions, states, initialize=True)
+    flow, states, actions = paper_flow(cnf, config, args.device)
     pretrainer = cnf.FlowPretrainer(flow, config)
     flow_step = cnf.compiled(lambda: pretrainer.train(actions, states)["flow/train_nll"], config)
     report(name, "flow_steps_per_s", rate(flow_step, args.seconds, args.repeats))
@@ -135,6 +144,20 @@ def measure_cnf(args, amp: bool, compile: bool = False) -> None:
         report(name, "rl_updates_per_s", rate(update, args.seconds, args.repeats))
     else:
         report_update(name, update, args)
+
+
+def measure_cnf_seeds(args, seeds: int = 3) -> None:
+    """cnf.py --seeds (SeedCNF) at the paper's sizes: per-seed updates/s, and ops and syncs per seed-update."""
+    cnf = load_algorithm("cnf")
+    config = cnf.TrainConfig(device=args.device)  # the paper's sizes are the defaults
+    agent = cnf.SeedCNF(paper_flow(cnf, config, args.device)[0], STATE_DIM, ACTION_DIM, config, seeds)
+    batch = tuple(x.view(seeds, config.batch_size, -1) for x in random_batch(seeds * config.batch_size, args.device))
+    update = lambda: agent.train(batch)  # noqa: E731
+    name = f"cnf_seeds{seeds}"
+    report(name, "rl_updates_per_s", rate(update, args.seconds, args.repeats))
+    ops = count_ops(update)
+    report(name, "aten_ops_per_update", sum(ops.values()) / seeds)
+    report(name, "host_syncs_per_update", ops["aten._local_scalar_dense"] / seeds)
 
 
 def measure_official(args) -> None:
@@ -325,6 +348,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"# device {args.device}, {args.threads} thread(s), torch {torch.__version__}", flush=True)
     measure_cnf(args, amp=False)
+    measure_cnf_seeds(args)
     if args.official:
         measure_official(args)
     if args.compile:
