@@ -367,7 +367,8 @@ class ConditionalFlow(nn.Module):
                 "affine_bias": -block.actnorm.shift * inverse_scale,
                 # conditioner weights, transposed once for addmm; its state part is in state_weight
                 "kept_weight": low(first.weight[:, : block.coupling.n_keep].T.contiguous()),
-                "prelu_1": low(prelu_1.weight), "prelu_2": low(prelu_2.weight),
+                # PReLU with a frozen (single) slope is a leaky ReLU, whose backward is one cheap kernel
+                "slope_1": prelu_1.weight.item(), "slope_2": prelu_2.weight.item(),
                 "weight_2": low(second.weight.T.contiguous()), "bias_2": low(second.bias),
                 "weight_3": low(last.weight.T.contiguous()), "bias_3": low(last.bias),
                 "neg_rescale": -block.coupling.rescale,
@@ -389,8 +390,8 @@ class ConditionalFlow(nn.Module):
             kept, transformed = coupling.split(h)
             kept_low = kept.to(self.matmul_dtype)
             hidden = torch.addmm(features, kept_low, const["kept_weight"]) if coupling.n_keep else features
-            hidden = F.prelu(torch.addmm(const["bias_2"], F.prelu(hidden, const["prelu_1"]), const["weight_2"]),
-                             const["prelu_2"])
+            hidden = F.leaky_relu(torch.addmm(const["bias_2"], F.leaky_relu(hidden, const["slope_1"]),
+                                              const["weight_2"]), const["slope_2"])
             raw_log_scale, shift = torch.addmm(const["bias_3"], hidden, const["weight_3"]).float().chunk(2, dim=-1)
             transformed = (transformed - shift) * torch.exp(const["neg_rescale"] * torch.tanh(raw_log_scale))
             h = torch.addmm(const["affine_bias"], coupling.join(kept, transformed), const["affine_weight"])

@@ -78,7 +78,8 @@ def interrupted_then_resumed(module, trainer_class, config, monkeypatch, stop_af
 
 def random_flow(flow_class, action_dim, state_dim=4, n_blocks=3, hidden=16, seed=0, dtype=torch.float64):
     """A flow that is *not* the identity: couplings' last layers random (|log-scale| <= 0.2 per
-    block, as the rescale r bounds it), ActNorm initialised on actions that fill the box."""
+    block, as the rescale r bounds it), PReLU slopes random (not all the initial 0.25), ActNorm
+    initialised on actions that fill the box."""
     torch.manual_seed(seed)
     flow = flow_class(action_dim, state_dim, n_blocks, hidden).to(dtype)
     with torch.no_grad():
@@ -86,6 +87,9 @@ def random_flow(flow_class, action_dim, state_dim=4, n_blocks=3, hidden=16, seed
             block.coupling.conditioner[-1].weight.normal_(0.0, 0.3)
             block.coupling.conditioner[-1].bias.normal_(0.0, 0.3)
             block.coupling.rescale.fill_(0.2)
+            for layer in block.coupling.conditioner:
+                if isinstance(layer, torch.nn.PReLU):
+                    layer.weight.uniform_(0.0, 0.6)
         actions = torch.rand(256, action_dim, dtype=dtype) * 1.9 - 0.95
         flow.encode(actions, torch.randn(256, state_dim, dtype=dtype), initialize=True)
     return flow
@@ -124,13 +128,15 @@ def script_critic(agent, score):
 
 
 def assert_frozen_decode_matches_unfrozen(flow, latents, states):
-    """freeze()'s fast decoder gives the unfrozen decode, passes gradients to latents and none to the flow."""
-    before = flow.decode(latents, states).detach()
-    flow.freeze()
+    """freeze()'s fast decoder gives the unfrozen decode and its gradient to the latents, and none to the flow."""
     latents.requires_grad_(True)
+    before = flow.decode(latents, states)
+    (grad_before,) = torch.autograd.grad(before.sum(), latents)
+    flow.freeze()
     actions = flow.decode(latents, states)
     actions.sum().backward()
-    assert torch.allclose(actions, before, atol=1e-5)
+    assert torch.allclose(actions, before.detach(), atol=1e-5)
+    assert torch.allclose(latents.grad, grad_before, atol=1e-4)
     assert latents.grad is not None and all(p.grad is None and not p.requires_grad for p in flow.parameters())
 
 
