@@ -8,14 +8,13 @@ batch 256, tau 5e-3; states normalised by its own compute_mean_std. Nothing of i
 imports of d4rl, gym and wandb are satisfied by empty stub modules. Prints one JSON line per evaluation.
 """
 import importlib.util
-import json
 import sys
 import time
 import types
 from pathlib import Path
 
-import numpy as np
 import torch
+from official_code import print_evaluation, stub_modules
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "algorithms"))
 import awac as ours  # noqa: E402  (our data plumbing and vectorised evaluation only)
@@ -24,8 +23,7 @@ import awac as ours  # noqa: E402  (our data plumbing and vectorised evaluation 
 def main() -> None:
     path, env = sys.argv[1], sys.argv[2]
     steps, every, lam, seed = int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
-    for name in ("gym", "d4rl", "wandb"):
-        sys.modules[name] = types.ModuleType(name)
+    stub_modules("gym", "d4rl", "wandb")
     sys.modules["gym"].Env, sys.modules["gym"].wrappers = object, types.SimpleNamespace()
     spec = importlib.util.spec_from_file_location("corl_awac", path)
     corl = importlib.util.module_from_spec(spec)
@@ -50,10 +48,8 @@ def main() -> None:
         agent.update(buffer.sample(256))
         if step % every == 0:
             actor.eval()  # CORL's eval_actor: the policy mean
-            returns = ours.evaluate(data.make_eval_env, lambda s: actor._get_policy(s).mean, mean, std, 10, seed, "cpu")
+            print_evaluation(ours, data, lambda s: actor._get_policy(s).mean, mean, std, step, seed, start)
             actor.train()
-            print(json.dumps({"step": step, "normalized_score": float(np.mean(data.normalize_score(returns))),
-                              "elapsed_s": round(time.time() - start)}), flush=True)
 
 
 if __name__ == "__main__":

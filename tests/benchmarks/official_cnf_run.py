@@ -10,15 +10,14 @@ evaluate every, seed. Its flow (atanh, blocks, tanh, Uniform latent; Hopper's ze
 Nothing of it is copied into this project; its imports of gym, d4rl, wandb and sklearn are satisfied by empty stub
 modules. Prints one JSON line per flow validation and per evaluation.
 """
-import importlib.machinery
 import json
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 import torch
+from official_code import print_evaluation, stub_modules
 
 ALGORITHMS = Path(__file__).resolve().parents[2] / "algorithms"
 
@@ -26,9 +25,7 @@ ALGORITHMS = Path(__file__).resolve().parents[2] / "algorithms"
 def main() -> None:
     official, env = sys.argv[1], sys.argv[2]
     flow_layers, flow_hidden, flow_steps, rl_steps, every, seed = map(int, sys.argv[3:9])
-    for name in ("gym", "d4rl", "wandb", "sklearn", "sklearn.model_selection"):
-        sys.modules[name] = types.ModuleType(name)
-        sys.modules[name].__spec__ = importlib.machinery.ModuleSpec(name, None)
+    stub_modules("gym", "d4rl", "wandb", "sklearn", "sklearn.model_selection")
     sys.modules["gym"].Env, sys.modules["sklearn.model_selection"].train_test_split = object, None
     sys.path.insert(0, official)
     from cnf.awac import AdvantageWeightedActorCritic  # the official package
@@ -89,9 +86,7 @@ def main() -> None:
     for step in range(1, rl_steps + 1):
         agent.update(*buffer.sample(512, "cpu"))
         if step % every == 0:
-            returns = ours.evaluate(data.make_eval_env, act, np.zeros(state_dim), np.ones(state_dim), 10, seed, "cpu")
-            print(json.dumps({"step": step, "normalized_score": float(np.mean(data.normalize_score(returns))),
-                              "elapsed_s": round(time.time() - start)}), flush=True)
+            print_evaluation(ours, data, act, np.zeros(state_dim), np.ones(state_dim), step, seed, start)
 
 
 if __name__ == "__main__":
