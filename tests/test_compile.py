@@ -43,6 +43,24 @@ def test_compiled_update_matches_the_eager_one(monkeypatch):
     assert any(not torch.equal(p, q) for p, q in zip(eager_params, tiny_agent(False)[0].actor.parameters()))
 
 
+@pytest.mark.parametrize("slope", [-0.5, 0.0, 0.25, 1.0, 1.5])
+def test_frozen_leaky_relu_under_compile_is_the_eager_one(slope):
+    """The frozen decoder's activation is written as max(x, slope x) (or min) under torch.compile: the same values
+    and gradients as F.leaky_relu for any slope (away from x = 0, where neither is differentiable)."""
+    x = torch.randn(256, 8, generator=torch.Generator().manual_seed(0)) * 3.0
+    grad = torch.randn(256, 8, generator=torch.Generator().manual_seed(1))
+    results = []
+    for activation in (cnf.ConditionalFlow.leaky_relu, torch.compile(cnf.ConditionalFlow.leaky_relu)):
+        inputs = x.clone().requires_grad_(True)
+        out = activation(inputs, slope)
+        out.backward(grad)
+        results.append((out.detach(), inputs.grad))
+    (eager_out, eager_grad), (compiled_out, compiled_grad) = results
+    torch.testing.assert_close(eager_out, torch.nn.functional.leaky_relu(x, slope))
+    torch.testing.assert_close(compiled_out, eager_out)
+    torch.testing.assert_close(compiled_grad, eager_grad)
+
+
 def test_a_compiled_run_ends_and_resumes(tmp_path, tiny_hdf5):
     flags = ["--dataset_path", tiny_hdf5, "--checkpoints_path", str(tmp_path), "--run_name", "r", "--compile",
              *TINY_FLOW_RUN_FLAGS]

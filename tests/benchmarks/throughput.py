@@ -30,8 +30,9 @@ Nothing of it is copied into this project; it is imported from DIR at run time.
 sizes (awac: actor and critics 4 x 256; iql: 3 x 256; batch 256), on the same batch as our awac.py and
 iql.py (`awac`, `iql` lines). Its modules import d4rl and gym at the top: empty stub modules stand in
 for them during the import. Nothing of it is copied into this project.
-`--amp` measures our scripts with bfloat16 autocast as well. Timings use the median of `--repeats`
-rounds of `--seconds` each, after warm-up.
+`--amp` measures our scripts with bfloat16 autocast as well; `--compile` each script's update as `--compile` runs it
+(lines `<algo>_compiled`: rates only; cnf.py's flow step and sfbc.py's behaviour and acting steps too).
+Timings use the median of `--repeats` rounds of `--seconds` each, after warm-up.
 """
 from __future__ import annotations
 
@@ -104,8 +105,12 @@ def random_batch(batch_size: int, device: str):
             torch.zeros(batch_size, 1, device=device))
 
 
-def report_update(algo: str, update, args) -> None:
-    """The three figures of one training update: updates/s, ATen ops, host syncs."""
+def report_update(algo: str, update, args, compile: bool = False) -> None:
+    """The three figures of one training update: updates/s, ATen ops, host syncs; compiled (`algo` gets the suffix
+    `_compiled`), updates/s only (a compiled graph runs generated kernels, which a dispatch mode does not see)."""
+    if compile:
+        report(f"{algo}_compiled", "rl_updates_per_s", rate(update, args.seconds, args.repeats))
+        return
     report(algo, "rl_updates_per_s", rate(update, args.seconds, args.repeats))
     ops = count_ops(update)
     report(algo, "aten_ops_per_update", sum(ops.values()))
@@ -196,46 +201,48 @@ def measure_official(args) -> None:
     report_update("official_cnf", update, args)
 
 
-def measure_plas(args) -> None:
-    """PLAS at the official sizes: VAE 750 x 2 (latent 2 x 6), actor and critics 400-300, batch 100."""
+def measure_plas(args, compile: bool = False) -> None:
+    """PLAS at the official sizes: VAE 750 x 2 (latent 2 x 6), actor and critics 400-300, batch 100. With
+    `compile`, the phase-2 update only, through the script's own `compiled` (as `--compile` runs it)."""
     plas = load_algorithm("plas")
-    config = plas.TrainConfig(device=args.device)  # the official sizes are the defaults
+    config = plas.TrainConfig(device=args.device, compile=compile)  # the official sizes are the defaults
     vae = plas.ConditionalVAE(ACTION_DIM, STATE_DIM, config.vae_hidden).to(args.device)
     states = torch.randn(config.vae_batch_size, STATE_DIM, device=args.device)
     actions = torch.rand(config.vae_batch_size, ACTION_DIM, device=args.device) * 1.8 - 0.9
-    pretrainer = plas.VAEPretrainer(vae, config)
-    report("plas", "vae_steps_per_s", rate(lambda: pretrainer.train(actions, states), args.seconds, args.repeats))
+    if not compile:
+        pretrainer = plas.VAEPretrainer(vae, config)
+        report("plas", "vae_steps_per_s", rate(lambda: pretrainer.train(actions, states), args.seconds, args.repeats))
 
     agent = plas.PLAS(vae, STATE_DIM, ACTION_DIM, config)
     batch = random_batch(config.batch_size, args.device)
-    report_update("plas", lambda: agent.train(batch), args)
+    report_update("plas", plas.compiled(lambda: agent.train(batch), config), args, compile)
 
 
-def measure_awac(args) -> None:
+def measure_awac(args, compile: bool = False) -> None:
     """AWAC at CORL's sizes: actor and critics 4 x 256, batch 256."""
     awac = load_algorithm("awac")
-    config = awac.TrainConfig(device=args.device)  # CORL's sizes are the defaults
+    config = awac.TrainConfig(device=args.device, compile=compile)  # CORL's sizes are the defaults
     agent = awac.AWAC(STATE_DIM, ACTION_DIM, config)
     batch = random_batch(config.batch_size, args.device)
-    report_update("awac", lambda: agent.train(batch), args)
+    report_update("awac", awac.compiled(lambda: agent.train(batch), config), args, compile)
 
 
-def measure_iql(args) -> None:
+def measure_iql(args, compile: bool = False) -> None:
     """IQL at CORL's sizes: policy, Q_1, Q_2 and V 3 x 256, batch 256."""
     iql = load_algorithm("iql")
-    config = iql.TrainConfig(device=args.device)  # CORL's sizes are the defaults
+    config = iql.TrainConfig(device=args.device, compile=compile)  # CORL's sizes are the defaults
     agent = iql.IQL(STATE_DIM, ACTION_DIM, config)
     batch = random_batch(config.batch_size, args.device)
-    report_update("iql", lambda: agent.train(batch), args)
+    report_update("iql", iql.compiled(lambda: agent.train(batch), config), args, compile)
 
 
-def measure_lapo(args) -> None:
+def measure_lapo(args, compile: bool = False) -> None:
     """LAPO at the official sizes: CVAE, latent policy, Q_1, Q_2 and V 3 x 256 (latent 2 x 6), batch 512."""
     lapo = load_algorithm("lapo")
-    config = lapo.TrainConfig(device=args.device)  # the official sizes are the defaults
+    config = lapo.TrainConfig(device=args.device, compile=compile)  # the official sizes are the defaults
     agent = lapo.LAPO(STATE_DIM, ACTION_DIM, config, (0.0, 100.0), torch.zeros(ACTION_DIM), torch.ones(ACTION_DIM))
     batch = random_batch(config.batch_size, args.device)
-    report_update("lapo", lambda: agent.train(batch), args)
+    report_update("lapo", lapo.compiled(lambda: agent.train(batch), config), args, compile)
 
 
 def measure_sfbc(args, amp: bool = False, compile: bool = False) -> None:
@@ -338,7 +345,7 @@ def main() -> None:
     parser.add_argument("--corl", default=None,
                         help="a checkout of github.com/corl-team/CORL: also measure its AWAC and IQL")
     parser.add_argument("--amp", action="store_true", help="also measure with bfloat16 autocast")
-    parser.add_argument("--compile", action="store_true", help="also measure cnf.py and sfbc.py with --compile")
+    parser.add_argument("--compile", action="store_true", help="also measure every script with --compile")
     parser.add_argument("--cnf_only", action="store_true",
                         help="cnf.py (and --official) only: skip the other algorithms")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of one timing round")
@@ -359,13 +366,12 @@ def main() -> None:
             measure_cnf(args, amp=True, compile=True)
     if args.cnf_only:
         return
-    measure_plas(args)
-    measure_awac(args)
-    measure_iql(args)
-    measure_lapo(args)
-    measure_sfbc(args)
-    if args.compile:
-        measure_sfbc(args, compile=True)
+    for compile in (False, True) if args.compile else (False,):
+        measure_plas(args, compile)
+        measure_awac(args, compile)
+        measure_iql(args, compile)
+        measure_lapo(args, compile)
+        measure_sfbc(args, compile=compile)
     if args.amp:
         measure_sfbc(args, amp=True)
     if args.corl:
