@@ -394,7 +394,7 @@ class ConditionalFlow(nn.Module):
         """A PReLU with its frozen slope. Eager: F.leaky_relu, one kernel each way. Under torch.compile the same
         function as max(x, slope x) (min for a slope above 1): Inductor's CPU code for leaky_relu saves a bool
         mask for the backward pass, whose store costs ~20 ns per element with AVX2 (torch 2.13), which made the
-        compiled update slower than the eager one; the max form is saved as floats and runs at memory speed."""
+        compiled update slower than the eager one; the max form keeps floats (tests/benchmarks/inductor_mask.py)."""
         if not torch.compiler.is_compiling():
             return F.leaky_relu(x, slope)
         return torch.maximum(x, slope * x) if slope <= 1.0 else torch.minimum(x, slope * x)
