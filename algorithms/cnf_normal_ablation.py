@@ -398,7 +398,7 @@ class NormalConditionalFlow(nn.Module):
     def leaky_relu(x: torch.Tensor, slope: float) -> torch.Tensor:
         """A PReLU with its frozen slope. Eager: F.leaky_relu, one kernel each way. Under torch.compile the same
         function as max(x, slope x) (min for a slope above 1): Inductor's CPU code for leaky_relu saves a bool
-        mask for the backward pass, whose store costs ~20 ns per element with AVX2 (torch 2.13), which made the
+        mask for the backward pass, whose store costs 15-20 ns per element with AVX2 (torch 2.13), which made the
         compiled update slower than the eager one; the max form keeps floats (tests/benchmarks/inductor_mask.py)."""
         if not torch.compiler.is_compiling():
             return F.leaky_relu(x, slope)

@@ -12,10 +12,10 @@ profile, printed per element); the max form's compiled backward keeps floats. On
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
+from throughput import rate  # this folder's timing: warm-up, then the median of timed rounds
 
 SLOPE, BATCH, WIDTH, LAYERS = 0.25, 512, 256, 4
 
@@ -36,18 +36,6 @@ def frozen_mlp(weights, activation):
     return step
 
 
-def ms_per_step(step, x: torch.Tensor, device: str, seconds: float = 2.0) -> float:
-    for _ in range(3):
-        step(x).backward()
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        step(x).backward()
-        n += 1
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / n * 1e3
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -66,7 +54,8 @@ def main() -> None:
             step = frozen_mlp(weights, activation)
             step = torch.compile(step) if compiled else step
             variant = ("compiled_" if compiled else "eager_") + name
-            print(f"{variant} ms_per_step {ms_per_step(step, x, args.device):.2f}", flush=True)
+            steps_per_s = rate(lambda: step(x).backward(), seconds=2.0, repeats=3)
+            print(f"{variant} ms_per_step {1e3 / steps_per_s:.2f}", flush=True)
             if compiled and name == "leaky_relu" and args.device == "cpu":
                 with torch.profiler.profile() as profile:
                     step(x).backward()

@@ -207,9 +207,9 @@ def measure_plas(args, compile: bool = False) -> None:
     plas = load_algorithm("plas")
     config = plas.TrainConfig(device=args.device, compile=compile)  # the official sizes are the defaults
     vae = plas.ConditionalVAE(ACTION_DIM, STATE_DIM, config.vae_hidden).to(args.device)
-    states = torch.randn(config.vae_batch_size, STATE_DIM, device=args.device)
-    actions = torch.rand(config.vae_batch_size, ACTION_DIM, device=args.device) * 1.8 - 0.9
     if not compile:
+        states = torch.randn(config.vae_batch_size, STATE_DIM, device=args.device)
+        actions = torch.rand(config.vae_batch_size, ACTION_DIM, device=args.device) * 1.8 - 0.9
         pretrainer = plas.VAEPretrainer(vae, config)
         report("plas", "vae_steps_per_s", rate(lambda: pretrainer.train(actions, states), args.seconds, args.repeats))
 
