@@ -46,18 +46,26 @@ the `[block: ...]` copies.
 """
 
 import copy
+import functools
+import hashlib
+import importlib.util
+import io
 import json
 import math
+import multiprocessing
 import os
 import pickle
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -73,7 +81,6 @@ BASE_DISTRIBUTION = "uniform"  # of the flow's latent; written to flow.pt and ch
 
 @dataclass
 class TrainConfig:
-    # ---- [block: flow config] --------------------------------------------------------------------------
     # --- phase 1: flow pre-training (Algorithm 1, Eq. 5; Table 3) ---
     flow_checkpoint: Optional[str] = None  # a flow.pt from an earlier run: skip phase 1
     flow_layers: int = 12  # K blocks of ActNorm -> invertible linear -> coupling (medium-replay: 4)
@@ -86,8 +93,6 @@ class TrainConfig:
     flow_valid_fraction: float = 0.1  # held-out fraction; the best-validation flow is kept
     flow_eval_every: int = 1_000  # steps between validation NLL evaluations
     flow_patience: int = 0  # stop phase 1 after this many evaluations without a better validation NLL (0: off)
-    # ---- [end block: flow config] ----------------------------------------------------------------------
-    # ---- [block: rl config] ----------------------------------------------------------------------------
     # --- phase 2: RL in the latent space (Algorithm 2, Eqs. 6-8; Table 2) ---
     hidden_dim: int = 256  # actor and critic width
     n_layers: int = 4  # linear layers in actor and critics (paper: {3, 4})
@@ -97,12 +102,12 @@ class TrainConfig:
     tau: float = 2e-3  # Polyak rate of the target critics
     awac_lambda: float = 1.0 / 3.0  # temperature lambda of exp(A / lambda) (maze2d: 1/10)
     exp_adv_max: float = 100.0  # clamp of the advantage weights (official code)
-    # ---- [end block: rl config] ------------------------------------------------------------------------
+    # --- schedule ---
     train_steps: int = 1_000_000  # phase-2 gradient updates (paper: 1M; HalfCheetah 200k)
     seeds: Optional[List[int]] = None  # several seeds in one process over one flow, a run directory each (SeedCNF)
     batch_size: int = 512  # phase-2 batch size (paper: {256, 512, 1024}; maze2d 10240)
     eval_every: int = 5_000  # updates between evaluations
-    # ---- [block: experiment config] --------------------------------------------------------------------
+    # --- experiment: the fields every algorithm file shares ---
     env: str = "halfcheetah-medium-gymv5"  # D4RL name (halfcheetah-medium-v2, ...) or bundled dataset name
     dataset_path: Optional[str] = None  # any D4RL-format HDF5 file; overrides --env
     eval_env: Optional[str] = None  # Gymnasium id to evaluate in (default: from the data source)
@@ -110,6 +115,7 @@ class TrainConfig:
     cpu_threads: Optional[int] = None  # torch CPU threads (default: torch's, one per core)
     seed: int = 0  # seeds python, numpy, torch and the evaluation envs
     eval_episodes: int = 10  # episodes per evaluation, stepped together in a vector env
+    eval_workers: Optional[int] = None  # evaluation processes beside training (0: in it; default 1 with 4+ cores)
     log_every: int = 1_000  # updates between logged losses (the only host syncs of the loop)
     checkpoint_every: Optional[int] = None  # updates between checkpoints (default: at every evaluation)
     amp: bool = False  # bfloat16 matmuls in hidden layers (CPU AMX / GPU tensor cores); outputs stay float32
@@ -120,12 +126,9 @@ class TrainConfig:
     config_path: Optional[str] = None  # YAML (pyrallis) with values for any field; flags override it
     wandb_mode: str = "offline"  # online | offline | disabled
     wandb_project: str = "cnf"  # wandb project
-    # ---- [end block: experiment config] ----------------------------------------------------------------
 
 
 # %% Networks: the MLPs and twin critics every file shares, then the flow (Eq. 5)
-# ---- [block: networks] -----------------------------------------------------------------------------
-# ---- [block: mlp] --------------------------------------------------------------------------------
 def mlp(in_dim: int, out_dim: int, hidden: int, n_layers: int, activation=nn.ReLU) -> nn.Sequential:
     """n_layers linear layers with `activation` between them."""
     dims = [in_dim] + [hidden] * (n_layers - 1) + [out_dim]
@@ -135,10 +138,8 @@ def mlp(in_dim: int, out_dim: int, hidden: int, n_layers: int, activation=nn.ReL
         if i < n_layers - 1:
             layers.append(activation())
     return nn.Sequential(*layers)
-# ---- [end block: mlp] ----------------------------------------------------------------------------
 
 
-# ---- [block: vectorized linear] ------------------------------------------------------------------
 class VectorizedLinear(nn.Module):
     """`ensemble` independent linear layers applied in one batched matmul: [E, B, in] -> [E, B, out]."""
 
@@ -150,7 +151,6 @@ class VectorizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.bias, x, self.weight)
-# ---- [end block: vectorized linear] --------------------------------------------------------------
 
 
 class TwinCritic(nn.Module):
@@ -176,10 +176,8 @@ class TwinCritic(nn.Module):
             for layer in hidden_layers:
                 x = layer(x)
         return output_layer(x.float())
-# ---- [end block: networks] -------------------------------------------------------------------------
 
 
-# ---- [block: flow layers] --------------------------------------------------------------------------
 ACTION_EPS = 1e-5  # actions and latents are clamped to [-1 + eps, 1 - eps] (official code)
 
 
@@ -293,15 +291,11 @@ class FlowBlock(nn.Module):
 
     def decode(self, y: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.actnorm.decode(self.linear.decode(self.coupling.decode(y, cond), cond), cond)
-# ---- [end block: flow layers] ----------------------------------------------------------------------
 
 
-# ---- [block: conditional flow] ---------------------------------------------------------------------
-# ---- [block: tanh log derivative] ------------------------------------------------------------------
 def tanh_log_derivative(h: torch.Tensor) -> torch.Tensor:
     """log(1 - tanh(h)^2), computed without cancellation near |h| large."""
     return 2.0 * (math.log(2.0) - h - F.softplus(-2.0 * h))
-# ---- [end block: tanh log derivative] --------------------------------------------------------------
 
 
 class ConditionalFlow(nn.Module):
@@ -311,25 +305,20 @@ class ConditionalFlow(nn.Module):
 
     def __init__(self, action_dim: int, state_dim: int, n_blocks: int, hidden: int, amp: bool = False):
         super().__init__()
-        # ---- [block: flow constructor] ---------------------------------------------------------------
         self.action_dim, self.state_dim, self.n_blocks, self.hidden = action_dim, state_dim, n_blocks, hidden
         self.amp = amp
         self.blocks = nn.ModuleList(FlowBlock(action_dim, state_dim, hidden, keep_first=i % 2 == 0, amp=amp)
                                     for i in range(n_blocks))
-        self.frozen: Optional[List[dict]] = None  # constants of the phase-2 decoder (see `freeze`)
-        # ---- [end block: flow constructor] -----------------------------------------------------------
 
     def encode(self, actions: torch.Tensor, states: torch.Tensor,
                initialize: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """z = f(a | s) and log|det df/da|; `initialize` runs ActNorm's data-dependent init."""
-        # ---- [block: flow encode] ------------------------------------------------------------------
         a = actions.clamp(-1.0 + ACTION_EPS, 1.0 - ACTION_EPS)
         h = torch.atanh(a)
         log_det = -torch.log1p(-a * a).sum(-1)
         for block in self.blocks:
             h, block_log_det = block.encode(h, states, initialize)
             log_det = log_det + block_log_det
-        # ---- [end block: flow encode] --------------------------------------------------------------
         return torch.tanh(h), log_det + tanh_log_derivative(h).sum(-1)
 
     def log_prob(self, actions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
@@ -340,83 +329,15 @@ class ConditionalFlow(nn.Module):
     def decode(self, latents: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """a = f^-1(z | s) for latents in the box; the result lies inside (-1, 1)^n."""
         h = torch.atanh(latents.clamp(-1.0 + ACTION_EPS, 1.0 - ACTION_EPS))
-        # ---- [block: flow decode] ------------------------------------------------------------------
-        if self.frozen is None:
-            for block in reversed(self.blocks):
-                h = block.decode(h, states)
-        else:
-            h = self.decode_frozen(h, states)
+        for block in reversed(self.blocks):
+            h = block.decode(h, states)
         return torch.tanh(h).clamp(-1.0 + ACTION_EPS, 1.0 - ACTION_EPS)
-        # ---- [end block: flow decode] --------------------------------------------------------------
-
-    # ---- [block: frozen decoder] --------------------------------------------------------------------
-    @torch.no_grad()
-    def freeze(self) -> "ConditionalFlow":
-        """For phase 2: no gradients into the flow, and every constant of f^-1 computed once.
-        Call after moving the flow to its device; the constants are not part of the state_dict."""
-        self.requires_grad_(False)
-        self.eval()
-        self.matmul_dtype = torch.bfloat16 if self.amp else self.param_dtype()
-        self.frozen, low = [], lambda w: w.to(self.matmul_dtype)
-        for block in self.blocks:
-            first, prelu_1, second, prelu_2, last = block.coupling.conditioner
-            inverse_scale = torch.exp(-block.actnorm.log_scale)
-            self.frozen.append({
-                # linear^-1 then ActNorm^-1 as one affine map: h -> h @ affine_weight + affine_bias
-                "affine_weight": (torch.linalg.inv(block.linear.weight()).T * inverse_scale).contiguous(),
-                "affine_bias": -block.actnorm.shift * inverse_scale,
-                # conditioner weights, transposed once for addmm; its state part is in state_weight
-                "kept_weight": low(first.weight[:, : block.coupling.n_keep].T.contiguous()),
-                # PReLU with a frozen (single) slope is a leaky ReLU, whose backward is one cheap kernel
-                "slope_1": prelu_1.weight.item(), "slope_2": prelu_2.weight.item(),
-                "weight_2": low(second.weight.T.contiguous()), "bias_2": low(second.bias),
-                "weight_3": low(last.weight.T.contiguous()), "bias_3": low(last.bias),
-                "neg_rescale": -block.coupling.rescale,
-            })
-        # The state's contribution to every block's first conditioner layer, for one matmul per batch.
-        self.state_weight = low(torch.cat([b.coupling.conditioner[0].weight[:, b.coupling.n_keep:]
-                                           for b in self.blocks]).T.contiguous())  # [state_dim, K * hidden]
-        self.state_bias = low(torch.cat([b.coupling.conditioner[0].bias for b in self.blocks]))
-        return self
-
-    def decode_frozen(self, h: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        """The blocks' `decode`, computed from the constants of `freeze` (tests check they agree). Rows may
-        come in leading dims ([N, B, n]: cnf.py's --seeds): they are decoded as one batch of rows."""
-        shape, h, states = h.shape, h.flatten(0, -2), states.flatten(0, -2)
-        state_features = torch.addmm(self.state_bias, states.to(self.matmul_dtype), self.state_weight)
-        state_features = state_features.view(len(states), self.n_blocks, self.hidden).unbind(1)
-        for block, const, features in zip(reversed(self.blocks), reversed(self.frozen), reversed(state_features)):
-            coupling = block.coupling
-            kept, transformed = coupling.split(h)
-            kept_low = kept.to(self.matmul_dtype)
-            hidden = torch.addmm(features, kept_low, const["kept_weight"]) if coupling.n_keep else features
-            hidden = self.leaky_relu(torch.addmm(const["bias_2"], self.leaky_relu(hidden, const["slope_1"]),
-                                                 const["weight_2"]), const["slope_2"])
-            raw_log_scale, shift = torch.addmm(const["bias_3"], hidden, const["weight_3"]).float().chunk(2, dim=-1)
-            transformed = (transformed - shift) * torch.exp(const["neg_rescale"] * torch.tanh(raw_log_scale))
-            h = torch.addmm(const["affine_bias"], coupling.join(kept, transformed), const["affine_weight"])
-        return h.view(shape)
-
-    @staticmethod
-    def leaky_relu(x: torch.Tensor, slope: float) -> torch.Tensor:
-        """A PReLU with its frozen slope. Eager: F.leaky_relu, one kernel each way. Under torch.compile the same
-        function as max(x, slope x) (min for a slope above 1): Inductor's CPU code for leaky_relu saves a bool
-        mask for the backward pass, whose store costs 15-20 ns per element with AVX2 (torch 2.13), which made the
-        compiled update slower than the eager one; the max form keeps floats (tests/benchmarks/inductor_mask.py)."""
-        if not torch.compiler.is_compiling():
-            return F.leaky_relu(x, slope)
-        return torch.maximum(x, slope * x) if slope <= 1.0 else torch.minimum(x, slope * x)
-
-    def param_dtype(self) -> torch.dtype:
-        return self.blocks[0].actnorm.shift.dtype
 
     def describe(self) -> dict:
         return {"action_dim": self.action_dim, "state_dim": self.state_dim,
                 "n_blocks": self.n_blocks, "hidden": self.hidden}
-    # ---- [end block: frozen decoder] ----------------------------------------------------------------
-# ---- [end block: conditional flow] -----------------------------------------------------------------
 
-# ---- [block: latent policy] ------------------------------------------------------------------------
+
 class LatentPolicy(nn.Module):
     """pi(z | s) = tanh(N(mu(s), sigma(s))), log sigma clamped to [-20, 2]; acting uses tanh(mu)."""
 
@@ -424,12 +345,10 @@ class LatentPolicy(nn.Module):
         super().__init__()
         self.net, self.amp = mlp(state_dim, 2 * latent_dim, hidden, n_layers), amp
 
-    # ---- [block: latent gaussian] -----------------------------------------------------------------------
     def mean_log_std(self, states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(states.device.type, dtype=torch.bfloat16, enabled=self.amp):
             mean, log_std = self.net(states).float().chunk(2, dim=-1)
         return mean, log_std.clamp(-20.0, 2.0)
-    # ---- [end block: latent gaussian] -------------------------------------------------------------------
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         """A reparameterised sample z (gradients flow to mu and sigma)."""
@@ -438,11 +357,9 @@ class LatentPolicy(nn.Module):
 
     def deterministic(self, states: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.mean_log_std(states)[0])
-# ---- [end block: latent policy] --------------------------------------------------------------------
 
 
 # %% Phase 1: flow pre-training (Algorithm 1)
-# ---- [block: flow pretraining] ---------------------------------------------------------------------
 class FlowPretrainer:
     """Maximum likelihood (Eq. 5) with AdamW and gradient-norm clipping; one `train` call = one step."""
 
@@ -474,7 +391,6 @@ class FlowPretrainer:
     def load_state_dict(self, state: dict) -> None:
         self.flow.load_state_dict(state["flow"])
         self.optimizer.load_state_dict(state["optimizer"])
-# ---- [end block: flow pretraining] -----------------------------------------------------------------
 
 
 # %% Phase 2: RL in the latent space (Algorithm 2)
@@ -482,66 +398,65 @@ class CNF:
     """Latent policy and twin critics trained through the frozen flow; `train(batch)` is one update."""
 
     def __init__(self, flow: ConditionalFlow, state_dim: int, action_dim: int, config: TrainConfig):
-        self.flow = flow.freeze()
+        self.flow = FrozenFlow(flow)  # f^-1 with no gradients into the flow, its constants computed once (below)
         self.config = config
         self.actor = LatentPolicy(state_dim, action_dim, config.hidden_dim, config.n_layers, config.amp)
         self.actor.to(config.device)
-        # ---- [block: critics and optimizers] ------------------------------------------------------------
         self.critic = TwinCritic(state_dim, action_dim, config.hidden_dim, config.n_layers, config.amp)
         self.critic.to(config.device)
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
         fused = torch.device(config.device).type in ("cpu", "cuda")  # one kernel for all parameters
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr, fused=fused)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr, fused=fused)
-        # ---- [end block: critics and optimizers] --------------------------------------------------------
 
-    # ---- [block: cnf update] -------------------------------------------------------------------------
-    def train(self, batch: Tuple[torch.Tensor, ...]) -> Dict[str, torch.Tensor]:
+    def critic_loss(self, batch: Tuple[torch.Tensor, ...]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 6: y = r + gamma (1 - d) min_i Q_i'(s', f^-1(z' | s')), z' ~ pi(. | s'); MSE of Q1 plus MSE of Q2."""
         states, actions, rewards, next_states, dones = batch
-        cfg = self.config
-        # Shapes are one agent's; cnf.py's --seeds (SeedCNF) puts a seed axis in front ([N, B, 1]): hence dims
-        # counted from the end, and each loss kept per seed and summed for the backward pass.
-        # Eq. 6, critic target: y = r + gamma (1 - d) min_i Q_i'(s', f^-1(z' | s')), z' ~ pi(. | s').
         with torch.no_grad():
             next_actions = self.flow.decode(self.actor(next_states), next_states)
             next_q = self.target_critic(next_states, next_actions).min(0).values  # [B, 1]
-            # ---- [block: critic step] ---------------------------------------------------------------
-            target = rewards + cfg.gamma * (1.0 - dones) * next_q
+            target = rewards + self.config.gamma * (1.0 - dones) * next_q
         q = self.critic(states, actions)  # [2, B, 1]
-        critic_loss = ((q - target) ** 2).mean(dim=(-2, -1)).sum(0)  # MSE of Q1 plus MSE of Q2
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        critic_loss.sum().backward()
-        self.critic_optimizer.step()
-        # ---- [end block: critic step] -----------------------------------------------------------------
+        return ((q - target) ** 2).mean(dim=(1, 2)).sum(), q
 
+    def actor_loss(self, batch: Tuple[torch.Tensor, ...]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Eqs. 7-8: advantage-weighted L1 distance between the data's actions and the policy's decoded ones."""
+        states, actions = batch[0], batch[1]
         # The policy's action, decoded through the frozen flow with gradients to the policy.
         policy_actions = self.flow.decode(self.actor(states), states)  # [B, act_dim]
         # Eq. 7, advantage A(s, a) = Q(s, a) - Q(s, f^-1(z | s)), Q = min(Q1, Q2), with the updated
         # critics, both actions in one batched pass.
         with torch.no_grad():
-            both = self.critic(torch.cat([states, states], -2), torch.cat([actions, policy_actions], -2))
-            q_data, q_policy = both.min(0).values.chunk(2, -2)  # [B, 1] each
-            weights = torch.exp((q_data - q_policy) / cfg.awac_lambda).clamp(max=cfg.exp_adv_max)
-        # Eq. 8, policy loss: advantage-weighted L1 distance between data and decoded actions.
-        actor_loss = (weights * (actions - policy_actions).abs()).mean(dim=(-2, -1))
-        # ---- [block: actor step and target update] -------------------------------------------------
+            both = self.critic(torch.cat([states, states]), torch.cat([actions, policy_actions]))
+            q_data, q_policy = both.min(0).values.chunk(2)  # [B, 1] each
+            weights = torch.exp((q_data - q_policy) / self.config.awac_lambda).clamp(max=self.config.exp_adv_max)
+        # Eq. 8, policy loss: the weights times the L1 distance, averaged over the batch.
+        return (weights * (actions - policy_actions).abs()).mean(), weights
+
+    def train(self, batch: Tuple[torch.Tensor, ...]) -> Dict[str, torch.Tensor]:
+        """One step of Algorithm 2: the critics (Eq. 6), then the policy against the updated critics (Eqs. 7-8),
+        then Polyak averaging of the target critics."""
+        critic_loss, q = self.critic_loss(batch)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_optimizer.step()
+
+        actor_loss, weights = self.actor_loss(batch)
         self.actor_optimizer.zero_grad(set_to_none=True)
-        actor_loss.sum().backward()
+        actor_loss.backward()
         self.actor_optimizer.step()
 
-        with torch.no_grad():  # Polyak averaging of the target critics, one fused op
-            torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()), cfg.tau)
+        with torch.no_grad():  # target <- (1 - tau) target + tau critic, one fused op
+            torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()),
+                                 self.config.tau)
         return {"critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach(),
-                "q_mean": q.detach().mean(dim=(0, -2, -1)), "adv_weight_mean": weights.mean(dim=(-2, -1))}
-        # ---- [end block: actor step and target update] ---------------------------------------------
-    # ---- [end block: cnf update] ---------------------------------------------------------------------
+                "q_mean": q.detach().mean(), "adv_weight_mean": weights.mean()}
 
     @torch.no_grad()
     def act(self, states: torch.Tensor) -> torch.Tensor:
         """Evaluation: a = f^-1(tanh(mu(s)) | s)."""
         return self.flow.decode(self.actor.deterministic(states), states)
 
-    # ---- [block: agent state] ------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
                 "target_critic": self.target_critic.state_dict(),
@@ -554,11 +469,153 @@ class CNF:
         self.target_critic.load_state_dict(state["target_critic"])
         self.actor_optimizer.load_state_dict(state["actor_optimizer"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
-    # ---- [end block: agent state] --------------------------------------------------------------------
 
 
-# %% The mechanism, measured: how far the policy's actions stray from the data (Figs. 3, 5, 6)
-# ---- [block: behaviour likelihood] -----------------------------------------------------------------
+# %% The loop: phase 1's, phase 2's, and train(config) that runs both
+def pretrain_flow(config: TrainConfig, buffer: "ReplayBuffer", run: "Run") -> ConditionalFlow:
+    """Phase 1: maximum likelihood on 90% of the data, validation NLL on the rest every `flow_eval_every` steps;
+    returns the best-validation flow (also written to RUN_DIR/flow.pt)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(buffer.size, generator=generator).to(config.device)
+    n_valid = max(1, int(config.flow_valid_fraction * buffer.size))
+    valid, train = order[:n_valid], order[n_valid:]
+    flow = ConditionalFlow(buffer.actions.shape[1], buffer.states.shape[1], config.flow_layers,
+                           config.flow_hidden, config.amp).to(config.device)
+    trainer = FlowPretrainer(flow, config)
+    progress = FlowProgress.start(run, trainer)  # a resumed run continues from its checkpoint (below)
+    if progress.step == 0:  # ActNorm's data-dependent initialisation on a first batch
+        first = train[torch.randint(0, len(train), (config.flow_batch_size,), device=config.device)]
+        flow.encode(buffer.actions[first], buffer.states[first], initialize=True)
+
+    def flow_step() -> torch.Tensor:
+        idx = train[torch.randint(0, len(train), (config.flow_batch_size,), device=config.device)]
+        return trainer.train(buffer.actions[idx], buffer.states[idx])["flow/train_nll"]
+
+    update = compiled(flow_step, config)
+    for step in progress.steps(config.flow_steps):  # ends early after `flow_patience` evaluations without a gain
+        progress.add(update())
+        if step % config.flow_eval_every == 0 or step == config.flow_steps:
+            progress.validated(trainer.validation_nll(buffer.actions[valid], buffer.states[valid]))
+    return progress.best_flow(lambda: trainer.validation_nll(buffer.actions[valid], buffer.states[valid]), buffer)
+
+
+def train_agent(agent, buffer: "ReplayBuffer", run: "Run", checkpoint: Optional[dict], desc: str,
+                diagnose: Optional[Callable[[int], Dict[str, float]]] = None) -> dict:
+    """The offline RL loop: one `agent.train(batch)` per step, losses logged every `log_every` steps, an
+    evaluation every `eval_every` steps (then `diagnose(step)`, if given), checkpoints from which --resume
+    continues exactly (same batches, same noise)."""
+    config = run.config
+    start, evaluations = run.resume_agent(agent, buffer, checkpoint)
+    update = compiled(lambda: agent.train(buffer.sample(config.batch_size)), config)
+    for step in run.steps(start, config.train_steps, desc):
+        metrics = run.timed(update)
+        if step % config.log_every == 0:
+            run.logger.log({k: v.item() for k, v in metrics.items()}, step)
+        if step % config.eval_every == 0 or step == config.train_steps:
+            run.evaluate(agent.act, buffer, evaluations)  # here, or in a worker process (--eval_workers)
+            if diagnose is not None:
+                run.logger.log(diagnose(step), step)
+        run.checkpoint_agent(agent, evaluations)
+    return run.agent_results(evaluations)
+
+
+def train(config: TrainConfig) -> Path:
+    """Phase 1 (or a saved flow), phase 2, evaluations, checkpoints; returns the results.json path.
+    Two or more --seeds: `train_seeds` (below)."""
+    seeds = checked_seeds(config)
+    if len(seeds) > 1:
+        return train_seeds(config, seeds)
+    config = replace(config, seed=seeds[0])
+    data = load_offline_data(config)
+    run = start_run(config, data)
+    buffer = ReplayBuffer(data, config.device)
+    flow, checkpoint = flow_for_phase_2(config, buffer, run)  # phase 1, or its flow.pt (below)
+    agent = CNF(flow, buffer.states.shape[1], buffer.actions.shape[1], config)
+    diagnostic = BehaviourLikelihood(agent.flow, buffer.states, buffer.actions, config.seed)  # Figs. 3, 5, 6
+    results = train_agent(agent, buffer, run, checkpoint, desc="phase 2: RL",
+                          diagnose=diagnostic.hook(latent_policy(agent), run))
+    return finish_run(run, {**results, "flow_best_valid_nll": best_flow_nll(run.dir)})
+
+
+# ==== CNF extras: the frozen decoder's fast path, the behaviour-likelihood diagnostic (Figs. 3, 5, 6), phase 1's
+# bookkeeping and result, several seeds in one process (`--seeds`) ====
+
+
+class FrozenFlow(nn.Module):
+    """Phase 2's flow: the trained ConditionalFlow with no gradients into it, and every constant of f^-1 computed
+    once (the official code inverts each linear layer and takes slogdet on the CPU at every call). Each block's
+    linear^-1 and ActNorm^-1 become one affine map, all blocks' state features one matmul per batch, the frozen
+    PReLUs leaky ReLUs. `decode` equals ConditionalFlow.decode (tests/conftest.py checks values and gradients);
+    `encode` and `log_prob` are the flow's. Build it after moving the flow to its device; the constants are not
+    part of any state_dict."""
+
+    @torch.no_grad()
+    def __init__(self, flow: ConditionalFlow):
+        super().__init__()
+        self.flow = flow.requires_grad_(False).eval()
+        self.blocks, self.n_blocks, self.hidden = flow.blocks, flow.n_blocks, flow.hidden
+        self.matmul_dtype = torch.bfloat16 if flow.amp else flow.blocks[0].actnorm.shift.dtype
+        self.frozen, low = [], lambda w: w.to(self.matmul_dtype)
+        for block in self.blocks:
+            first, prelu_1, second, prelu_2, last = block.coupling.conditioner
+            inverse_scale = torch.exp(-block.actnorm.log_scale)
+            self.frozen.append({
+                # linear^-1 then ActNorm^-1 as one affine map: h -> h @ affine_weight + affine_bias
+                "affine_weight": (torch.linalg.inv(block.linear.weight()).T * inverse_scale).contiguous(),
+                "affine_bias": -block.actnorm.shift * inverse_scale,
+                # conditioner weights, transposed once for addmm; its state part is in state_weight
+                "kept_weight": low(first.weight[:, : block.coupling.n_keep].T.contiguous()),
+                # PReLU with a frozen (single) slope is a leaky ReLU, whose backward is one cheap kernel
+                "slope_1": prelu_1.weight.item(), "slope_2": prelu_2.weight.item(),
+                "weight_2": low(second.weight.T.contiguous()), "bias_2": low(second.bias),
+                "weight_3": low(last.weight.T.contiguous()), "bias_3": low(last.bias),
+                "neg_rescale": -block.coupling.rescale,
+            })
+        # The state's contribution to every block's first conditioner layer, for one matmul per batch.
+        self.state_weight = low(torch.cat([b.coupling.conditioner[0].weight[:, b.coupling.n_keep:]
+                                           for b in self.blocks]).T.contiguous())  # [state_dim, K * hidden]
+        self.state_bias = low(torch.cat([b.coupling.conditioner[0].bias for b in self.blocks]))
+
+    def encode(self, actions: torch.Tensor, states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.flow.encode(actions, states)
+
+    def log_prob(self, actions: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        return self.flow.log_prob(actions, states)
+
+    def decode(self, latents: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """ConditionalFlow.decode, a = f^-1(z | s), through `decode_blocks`."""
+        h = torch.atanh(latents.clamp(-1.0 + ACTION_EPS, 1.0 - ACTION_EPS))
+        return torch.tanh(self.decode_blocks(h, states)).clamp(-1.0 + ACTION_EPS, 1.0 - ACTION_EPS)
+
+    def decode_blocks(self, h: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """The K blocks' `decode`, computed from the constants (tests check they agree). Rows may come in
+        leading dims ([..., B, n]): they are decoded as one batch of rows."""
+        shape, h, states = h.shape, h.flatten(0, -2), states.flatten(0, -2)
+        state_features = torch.addmm(self.state_bias, states.to(self.matmul_dtype), self.state_weight)
+        state_features = state_features.view(len(states), self.n_blocks, self.hidden).unbind(1)
+        for block, const, features in zip(reversed(self.blocks), reversed(self.frozen), reversed(state_features)):
+            coupling = block.coupling
+            kept, transformed = coupling.split(h)
+            kept_low = kept.to(self.matmul_dtype)
+            hidden = torch.addmm(features, kept_low, const["kept_weight"]) if coupling.n_keep else features
+            hidden = self.leaky_relu(torch.addmm(const["bias_2"], self.leaky_relu(hidden, const["slope_1"]),
+                                                 const["weight_2"]), const["slope_2"])
+            raw_log_scale, shift = torch.addmm(const["bias_3"], hidden, const["weight_3"]).float().chunk(2, dim=-1)
+            transformed = (transformed - shift) * torch.exp(const["neg_rescale"] * torch.tanh(raw_log_scale))
+            h = torch.addmm(const["affine_bias"], coupling.join(kept, transformed), const["affine_weight"])
+        return h.view(shape)
+
+    @staticmethod
+    def leaky_relu(x: torch.Tensor, slope: float) -> torch.Tensor:
+        """A PReLU with its frozen slope. Eager: F.leaky_relu, one kernel each way. Under torch.compile the same
+        function as max(x, slope x) (min for a slope above 1): Inductor's CPU code for leaky_relu saves a bool
+        mask for the backward pass, whose store costs 15-20 ns per element with AVX2 (torch 2.13), which made the
+        compiled update slower than the eager one; the max form keeps floats (tests/benchmarks/inductor_mask.py)."""
+        if not torch.compiler.is_compiling():
+            return F.leaky_relu(x, slope)
+        return torch.maximum(x, slope * x) if slope <= 1.0 else torch.minimum(x, slope * x)
+
+
 # Latent histogram bins: 20 of width 0.1 over the box [-1, 1], coarser ones beyond it (the Normal
 # policy's latents are unbounded); counts have len(LATENT_EDGES) + 1 bins, the first (z < -4) and the
 # last (z >= 4) open. A latent in the closed box [-1, 1] counts inside it (clamped as f^-1 clamps it).
@@ -683,106 +740,68 @@ class BehaviourLikelihood:
             return scalars
 
         return diagnose
-# ---- [end block: behaviour likelihood] -------------------------------------------------------------
 
 
-# %% The loop: phase 1's, phase 2's, and train(config) that runs both
-# ---- [block: flow pretraining loop] ---------------------------------------------------------------
-def pretrain_flow(config: TrainConfig, buffer: "ReplayBuffer", run: "Run", checkpoint: Optional[dict]):
-    """Phase 1: returns the best-validation flow; writes it to RUN_DIR/flow.pt."""
-    from tqdm import trange
+class FlowProgress:
+    """Phase 1's bookkeeping for `pretrain_flow`: resume from a phase-1 checkpoint, early stop after
+    `flow_patience` evaluations without a better validation NLL, the logged NLLs (summed on the device: no
+    sync per step), a checkpoint at every validation, and the best-validation flow written to RUN_DIR/flow.pt."""
 
-    device = config.device
-    generator = torch.Generator().manual_seed(config.seed)
-    order = torch.randperm(buffer.size, generator=generator).to(device)
-    n_valid = max(1, int(config.flow_valid_fraction * buffer.size))
-    valid, train = order[:n_valid], order[n_valid:]
-    flow = ConditionalFlow(buffer.actions.shape[1], buffer.states.shape[1], config.flow_layers,
-                           config.flow_hidden, config.amp).to(device)
-    trainer = FlowPretrainer(flow, config)
-    start, best_nll, best_state, since_best = 0, float("inf"), None, 0
-    run.phase = "flow"
-    if checkpoint is not None:
-        trainer.load_state_dict(checkpoint["pretrainer"])
-        start, best_nll, best_state = checkpoint["step"], checkpoint["best_valid_nll"], checkpoint["best_flow"]
-        since_best = checkpoint["evaluations_since_best"]
-        set_rng_state(checkpoint["rng"])  # the resumed run draws the batches the uninterrupted one would
-    else:
-        first = train[torch.randint(0, len(train), (config.flow_batch_size,), device=device)]
-        flow.encode(buffer.actions[first], buffer.states[first], initialize=True)  # ActNorm data init
+    def __init__(self, run: "Run", trainer: FlowPretrainer):
+        self.run, self.trainer, self.config = run, trainer, run.config
+        self.step, self.best_nll, self.best_state, self.since_best = 0, float("inf"), None, 0
+        self.train_nll, self.since_log = torch.zeros((), device=self.config.device), 0
 
-    def flow_step() -> torch.Tensor:
-        idx = train[torch.randint(0, len(train), (config.flow_batch_size,), device=device)]
-        return trainer.train(buffer.actions[idx], buffer.states[idx])["flow/train_nll"]
+    @classmethod
+    def start(cls, run: "Run", trainer: FlowPretrainer) -> "FlowProgress":
+        progress, checkpoint = cls(run, trainer), run.checkpoint
+        run.phase = "flow"
+        if checkpoint is not None:
+            trainer.load_state_dict(checkpoint["pretrainer"])
+            progress.step, progress.best_nll = checkpoint["step"], checkpoint["best_valid_nll"]
+            progress.best_state, progress.since_best = checkpoint["best_flow"], checkpoint["evaluations_since_best"]
+            set_rng_state(checkpoint["rng"])  # the resumed run draws the batches the uninterrupted one would
+        run.checkpoint_state = progress.state  # a polite stop checkpoints any step
+        return progress
 
-    update = compiled(flow_step, config)
-    train_nll, since_log = torch.zeros((), device=device), 0  # summed on the device: no sync per step
-    for step in trange(start + 1, config.flow_steps + 1, desc="phase 1: flow", initial=start,
-                       total=config.flow_steps, mininterval=5):
-        if config.flow_patience and since_best >= config.flow_patience:
-            run.note(f"phase 1: validation NLL has not improved for {since_best} evaluations; stopping at step "
-                     f"{step - 1} (flow_patience)")
-            break
-        run.step = step
-        train_nll += update()
-        since_log += 1
-        if step % config.flow_eval_every == 0 or step == config.flow_steps:
-            valid_nll = trainer.validation_nll(buffer.actions[valid], buffer.states[valid])
-            run.logger.log({"flow/train_nll": train_nll.item() / since_log, "flow/valid_nll": valid_nll}, step, "flow")
-            train_nll, since_log = train_nll.zero_(), 0
-            since_best += 1
-            if valid_nll < best_nll:
-                best_nll, best_state, since_best = valid_nll, copy.deepcopy(flow.state_dict()), 0
-            run.save_checkpoint({"pretrainer": trainer.state_dict(), "best_valid_nll": best_nll,
-                                 "best_flow": best_state, "evaluations_since_best": since_best})
-    if best_state is None:  # flow_steps == 0: keep the initialised flow
-        best_state, best_nll = flow.state_dict(), trainer.validation_nll(buffer.actions[valid], buffer.states[valid])
-    flow.load_state_dict(best_state)
-    save_atomic({"flow": best_state, "sizes": flow.describe(), "best_valid_nll": best_nll,
-                 "base_distribution": BASE_DISTRIBUTION,
-                 "state_mean": torch.from_numpy(buffer.state_mean), "state_std": torch.from_numpy(buffer.state_std)},
-                run.dir / "flow.pt")
-    return flow
-# ---- [end block: flow pretraining loop] -----------------------------------------------------------
+    def state(self) -> dict:
+        return {"pretrainer": self.trainer.state_dict(), "best_valid_nll": self.best_nll,
+                "best_flow": self.best_state, "evaluations_since_best": self.since_best}
 
+    def steps(self, total: int):
+        for step in self.run.steps(self.step, total, "phase 1: flow"):
+            if self.config.flow_patience and self.since_best >= self.config.flow_patience:
+                self.run.note(f"phase 1: validation NLL has not improved for {self.since_best} evaluations; "
+                              f"stopping at step {step - 1} (flow_patience)")
+                break
+            yield step
 
-# ---- [block: rl loop] ------------------------------------------------------------------------------
-def train_agent(agent, buffer: "ReplayBuffer", run: "Run", checkpoint: Optional[dict], desc: str,
-                diagnose: Optional[Callable[[int], Dict[str, float]]] = None) -> dict:
-    """The offline RL loop: one `agent.train(batch)` per step; losses read every `log_every` steps
-    (the loop's only host syncs); every `eval_every` steps an evaluation and a checkpoint, from which
-    --resume continues exactly (same batches, same noise). `diagnose(step)` (the flow scripts'
-    BehaviourLikelihood) runs after each evaluation; its scalars are logged at the evaluation's step."""
-    from tqdm import trange
+    def add(self, train_nll: torch.Tensor) -> None:
+        self.train_nll += train_nll
+        self.since_log += 1
 
-    config = run.config
-    start, evaluations, update_time = 0, [], 0.0
-    if checkpoint is not None and checkpoint["phase"] == "rl":
-        agent.load_state_dict(checkpoint["agent"])
-        start, evaluations = checkpoint["step"], [tuple(e) for e in checkpoint["evaluations"]]
-        update_time = checkpoint["update_time_s"]
-        set_rng_state(checkpoint["rng"])
-    run.phase = "rl"
-    update = compiled(lambda: agent.train(buffer.sample(config.batch_size)), config)
-    for step in trange(start + 1, config.train_steps + 1, desc=desc, initial=start, total=config.train_steps,
-                       mininterval=5):
-        run.step = step
-        tick = time.perf_counter()
-        metrics = update()
-        update_time += time.perf_counter() - tick
-        if step % config.log_every == 0:
-            run.logger.log({k: v.item() for k, v in metrics.items()}, step)
-        if step % config.eval_every == 0 or step == config.train_steps:
-            evaluations.append((step, run.evaluate(agent.act, buffer)))
-            if diagnose is not None:
-                run.logger.log(diagnose(step), step)
-        if step % (config.checkpoint_every or config.eval_every) == 0 or step == config.train_steps:
-            run.save_checkpoint({"agent": agent.state_dict(), "evaluations": evaluations, "update_time_s": update_time})
-    return {**summarize(evaluations), "updates_per_s": config.train_steps / update_time if update_time > 0 else None}
-# ---- [end block: rl loop] --------------------------------------------------------------------------
+    def validated(self, valid_nll: float) -> None:
+        run = self.run
+        run.logger.log({"flow/train_nll": self.train_nll.item() / self.since_log, "flow/valid_nll": valid_nll},
+                       run.step, "flow")
+        self.train_nll, self.since_log = self.train_nll.zero_(), 0
+        self.since_best += 1
+        if valid_nll < self.best_nll:
+            self.best_nll, self.since_best = valid_nll, 0
+            self.best_state = copy.deepcopy(self.trainer.flow.state_dict())
+        run.save_checkpoint(self.state())
+
+    def best_flow(self, validation_nll: Callable[[], float], buffer: "ReplayBuffer") -> ConditionalFlow:
+        flow = self.trainer.flow
+        if self.best_state is None:  # flow_steps == 0: keep the initialised flow
+            self.best_state, self.best_nll = flow.state_dict(), validation_nll()
+        flow.load_state_dict(self.best_state)
+        save_atomic({"flow": self.best_state, "sizes": flow.describe(), "best_valid_nll": self.best_nll,
+                     "base_distribution": BASE_DISTRIBUTION, "state_mean": torch.from_numpy(buffer.state_mean),
+                     "state_std": torch.from_numpy(buffer.state_std)}, self.run.dir / "flow.pt")
+        return flow
 
 
-# ---- [block: phase 1 result] ----------------------------------------------------------------------
 def load_flow(path: str, buffer: "ReplayBuffer", device: str, amp: bool) -> ConditionalFlow:
     """A flow.pt written by phase 1 (flow weights, sizes, and the state normalisation it saw)."""
     if not os.path.isfile(path):
@@ -810,26 +829,7 @@ def flow_for_phase_2(config: TrainConfig, buffer: "ReplayBuffer",
         return load_flow(config.flow_checkpoint, buffer, config.device, config.amp), run.checkpoint
     if run.checkpoint is not None and run.checkpoint["phase"] == "rl":
         return load_flow(str(run.dir / "flow.pt"), buffer, config.device, config.amp), run.checkpoint
-    return pretrain_flow(config, buffer, run, run.checkpoint), None
-# ---- [end block: phase 1 result] ------------------------------------------------------------------
-
-
-def train(config: TrainConfig) -> Path:
-    """Phase 1 (or its saved flow), phase 2, evaluations, checkpoints; returns the results.json path.
-    Two or more --seeds: `train_seeds` (one --seeds S is --seed S)."""
-    seeds = checked_seeds(config)
-    if len(seeds) > 1:
-        return train_seeds(config, seeds)
-    config = replace(config, seed=seeds[0])
-    data = load_offline_data(config)
-    run = start_run(config, data)
-    buffer = ReplayBuffer(data, config.device)
-    flow, checkpoint = flow_for_phase_2(config, buffer, run)
-    agent = CNF(flow, buffer.states.shape[1], buffer.actions.shape[1], config)
-    diagnostic = BehaviourLikelihood(agent.flow, buffer.states, buffer.actions, config.seed)
-    results = train_agent(agent, buffer, run, checkpoint, desc="phase 2: RL",
-                          diagnose=diagnostic.hook(latent_policy(agent), run))
-    return finish_run(run, {**results, "flow_best_valid_nll": best_flow_nll(run.dir)})
+    return pretrain_flow(config, buffer, run), None
 
 
 def best_flow_nll(run_dir: Path) -> Optional[float]:
@@ -838,104 +838,126 @@ def best_flow_nll(run_dir: Path) -> Optional[float]:
     return float(torch_load(flow_file)["best_valid_nll"]) if flow_file.exists() else None
 
 
-# %% Several seeds in one process (`--seeds 0 1 2`): N agents over one flow, one batched update
-def ensemble_of(net: nn.Sequential, seeds: int) -> nn.Sequential:
-    """`net` for N seeds: each linear layer becomes N independent ones, freshly initialised. An nn.Linear becomes a
-    VectorizedLinear of N members, a VectorizedLinear of E members one of E x N (member e x N + i: seed i's e-th)."""
-    def widen(layer: nn.Module) -> nn.Module:
-        if isinstance(layer, nn.Linear):
-            return VectorizedLinear(layer.in_features, layer.out_features, seeds)
-        if isinstance(layer, VectorizedLinear):
-            members, in_dim, out_dim = layer.weight.shape
-            return VectorizedLinear(in_dim, out_dim, members * seeds)
-        return layer
+# %% Several seeds in one process (`--seeds 0 1 2`): N agents over one flow, one vmapped update
+class AgentNetworks(nn.Module):
+    """A CNF agent's three networks as one module whose forward is one of the agent's methods (`critic_loss`,
+    `actor_loss`, `act`) or its `latent_policy`: what torch.func.functional_call runs with one seed's parameters
+    in place of the agent's own."""
 
-    return nn.Sequential(*map(widen, net))
+    def __init__(self, agent: CNF):
+        super().__init__()
+        self.actor, self.critic, self.target_critic = agent.actor, agent.critic, agent.target_critic
+        self.agent = (agent,)  # not a submodule: its networks are the three above
 
-
-class SeedTwinCritic(TwinCritic):
-    """TwinCritic over the seed axis: one ensemble of 2N members, Q1 of seeds 1..N then Q2 of seeds 1..N;
-    Q(s, a) for states [N, B, state_dim] and actions [N, B, act_dim] -> [2, N, B, 1]."""
-
-    def __init__(self, state_dim: int, action_dim: int, hidden: int, n_layers: int, amp: bool, seeds: int):
-        super().__init__(state_dim, action_dim, hidden, n_layers, amp)
-        self.net = ensemble_of(self.net, seeds)
-
-    def forward(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([states, actions], dim=-1).repeat(2, 1, 1)  # [2N, B, in]: every seed's batch, for Q1 and Q2
-        *hidden_layers, output_layer = self.net
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            for layer in hidden_layers:
-                x = layer(x)
-        return output_layer(x.float()).view(2, *states.shape[:-1], 1)
+    def forward(self, method: str, *args):
+        agent = self.agent[0]
+        return latent_policy(agent)(*args) if method == "latent_policy" else getattr(agent, method)(*args)
 
 
-class SeedCNF(CNF):
+class SeedCNF:
     """N seeds' CNF agents trained in lock-step over one frozen flow (`--seeds`), each update one batched pass.
 
-    The seed axis: every batch tensor gets a leading axis of N seeds, [N, B, ...], each seed its own minibatch
-    (SeedBatches) and its own noise. The actor's and the critics' linear layers become ensembles over it, as the
-    twin critic's two heads already are (VectorizedLinear: the actor N members, the critics 2N); the frozen flow
-    decodes the N x B rows at once. `CNF.train` is the update as it stands: its losses stay per seed and are summed,
-    so no gradient crosses seeds, and Adam, elementwise, is N Adams over the stacked parameters. So seed i's agent
-    is the paper's algorithm (tests/test_seeds.py checks it step by step against CNF). Its initial weights,
-    batches and noise are draws from the one random stream that the first seed seeds, so it is not bitwise a
-    `--seed i` run; phase 1 runs once, with the first seed (the paper trains one flow per dataset). Each seed has
-    its own run directory (SeedRuns) with what a single run writes; its checkpoint.pt holds its agent as CNF
-    writes one (`seed_state_dict`), and the whole group's state, from which --resume continues all N."""
+    The seeds' networks are stacked (torch.func.stack_module_state: every parameter gets a leading axis of N), and
+    CNF's one-agent losses, `CNF.critic_loss` (Eq. 6) and `CNF.actor_loss` (Eqs. 7-8), run under torch.func.vmap
+    over that axis: each seed with its own minibatch [N, B, ...] (SeedBatches) and its own noise
+    (randomness="different"), the frozen flow shared. torch.func.grad gives each seed the gradient of its own loss,
+    so no gradient crosses seeds, and one Adam over the stacks is N Adams (Adam is elementwise): seed i's agent is
+    the paper's algorithm step by step (tests/test_seeds.py). Its initial weights, batches and noise are draws from
+    the one random stream the first seed seeds, so it is not bitwise a `--seed i` run; phase 1 runs once, with the
+    first seed (the paper trains one flow per dataset)."""
 
     def __init__(self, flow: ConditionalFlow, state_dim: int, action_dim: int, config: TrainConfig, seeds: int):
-        super().__init__(flow, state_dim, action_dim, config)  # one agent's networks, made ensembles over the seeds:
-        self.seeds = seeds
-        self.actor.net = ensemble_of(self.actor.net, seeds).to(config.device)
-        self.critic = SeedTwinCritic(state_dim, action_dim, config.hidden_dim, config.n_layers, config.amp,
-                                     seeds).to(config.device)
-        self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
-        self.actor_optimizer, self.critic_optimizer = (  # the same optimisers, over the ensembles' parameters
-            type(optimizer)(network.parameters(), **optimizer.defaults)
-            for optimizer, network in ((self.actor_optimizer, self.actor), (self.critic_optimizer, self.critic)))
+        agents = [CNF(flow, state_dim, action_dim, config) for _ in range(seeds)]
+        self.agent, self.config, self.seeds = agents[0], config, seeds  # agent 0 lends its modules to functional_call
+        self.flow, self.networks = self.agent.flow, AgentNetworks(self.agent)
+        self.params = {}  # network -> {parameter name: [N, ...] stacked parameter}
+        for network in ("actor", "critic", "target_critic"):
+            stacked, _ = torch.func.stack_module_state([getattr(agent, network) for agent in agents])
+            trained = network != "target_critic"
+            self.params[network] = {k: v.detach().requires_grad_(trained) for k, v in stacked.items()}
+        fused = torch.device(config.device).type in ("cpu", "cuda")
+        self.actor_optimizer = torch.optim.Adam(self.params["actor"].values(), lr=config.actor_lr, fused=fused)
+        self.critic_optimizer = torch.optim.Adam(self.params["critic"].values(), lr=config.critic_lr, fused=fused)
+
+    def call(self, method: str, *batched, params: Optional[Dict[str, dict]] = None):
+        """`method` of every seed's agent under vmap (inputs and outputs with a leading seed axis)."""
+        def one_seed(params: Dict[str, dict], *args):
+            flat = {f"{network}.{name}": value for network, named in params.items() for name, value in named.items()}
+            return torch.func.functional_call(self.networks, flat, (method, *args))
+
+        return torch.func.vmap(one_seed, randomness="different")(params or self.params, *batched)
+
+    def step(self, loss: str, trained: str, optimizer: torch.optim.Optimizer, batch) -> Tuple[torch.Tensor, ...]:
+        """One optimiser step of every seed's `trained` network on its own `loss`; -> (loss [N], aux [N, ...])."""
+        others = {network: named for network, named in self.params.items() if network != trained}
+
+        def loss_of(trained_params: dict, other_params: dict, batch):
+            value, aux = torch.func.functional_call(
+                self.networks, {**{f"{trained}.{k}": v for k, v in trained_params.items()},
+                                **{f"{n}.{k}": v for n, named in other_params.items() for k, v in named.items()}},
+                (loss, batch))
+            return value, (value.detach(), aux.detach())
+
+        grads, (value, aux) = torch.func.vmap(torch.func.grad(loss_of, has_aux=True), randomness="different")(
+            self.params[trained], others, batch)
+        for param, grad in zip(self.params[trained].values(), grads.values()):
+            param.grad = grad
+        optimizer.step()
+        return value, aux
 
     def train(self, batch: Tuple[torch.Tensor, ...]) -> Dict[Tuple[int, str], torch.Tensor]:
-        """`CNF.train` on a batch [N, B, ...]; the logged scalars keyed (seed index, name), one per seed."""
-        return {(i, key): value for key, values in super().train(batch).items()
-                for i, value in enumerate(values.unbind())}
+        """CNF.train for every seed on a batch [N, B, ...]; the logged scalars keyed (seed index, name)."""
+        critic_loss, q = self.step("critic_loss", "critic", self.critic_optimizer, batch)
+        actor_loss, weights = self.step("actor_loss", "actor", self.actor_optimizer, batch)
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.params["target_critic"].values()), list(self.params["critic"].values()),
+                                 self.config.tau)
+        metrics = {"critic_loss": critic_loss, "actor_loss": actor_loss, "q_mean": q.flatten(1).mean(1),
+                   "adv_weight_mean": weights.flatten(1).mean(1)}
+        return {(i, key): values[i] for key, values in metrics.items() for i in range(self.seeds)}
 
     @torch.no_grad()
     def act(self, states: torch.Tensor) -> torch.Tensor:
         """Evaluation: states [N x E, state_dim], seed i's E rows after seed i - 1's -> actions [N x E, act_dim]."""
-        return super().act(states.view(self.seeds, -1, states.shape[-1])).flatten(0, 1)
+        return self.call("act", states.view(self.seeds, -1, states.shape[-1])).flatten(0, 1)
 
     def seed_policy(self, i: int) -> Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
         """Seed i's `latent_policy` (for BehaviourLikelihood): states [n, state_dim] -> (actions, latents)."""
         def policy(states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-            latents = self.actor.deterministic(states.expand(self.seeds, -1, -1))[i]
-            return self.flow.decode(latents, states), latents
+            params = {network: {k: v[i] for k, v in named.items()} for network, named in self.params.items()}
+            flat = {f"{network}.{k}": v for network, named in params.items() for k, v in named.items()}
+            return torch.func.functional_call(self.networks, flat, ("latent_policy", states))
 
         return policy
 
+    def state_dict(self) -> dict:
+        networks = {network: {k: v.detach().clone() for k, v in named.items()}
+                    for network, named in self.params.items()}
+        return {**networks,
+                "actor_optimizer": self.actor_optimizer.state_dict(),
+                "critic_optimizer": self.critic_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for network, named in self.params.items():
+                for k, v in named.items():
+                    v.copy_(state[network][k])
+        self.actor_optimizer.load_state_dict(state["actor_optimizer"])
+        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+
     def seed_state_dict(self, state: dict, i: int) -> dict:
         """Seed i's agent in `state` (a SeedCNF.state_dict()), as CNF.state_dict() writes one agent."""
-        return seed_agent_state(state, i, self.seeds)
+        return seed_agent_state(state, i)
 
 
-def seed_agent_state(state: dict, i: int, seeds: int) -> dict:
-    """Seed i's slice of a SeedCNF state: the actor's VectorizedLinear [N, in, out] and [N, 1, out] become
-    nn.Linear's [out, in] and [out]; the critics' 2N members [2N, ...] become TwinCritic's [2, ...]; the optimiser
-    states (Adam's moments have their parameters' shapes) likewise."""
-    def one(network: str, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if network == "actor":
-            tensor = tensor[i].T if name.endswith("weight") else tensor[i, 0]
-        else:
-            tensor = tensor.unflatten(0, (2, seeds))[:, i]
-        return tensor.clone(memory_format=torch.contiguous_format)
-
-    out = {network: {name: one(network, name, value) for name, value in state[network].items()}
+def seed_agent_state(state: dict, i: int) -> dict:
+    """Seed i's slice of a SeedCNF state: every stacked tensor [N, ...] (parameters and Adam's moments) at i."""
+    out = {network: {k: v[i].clone() for k, v in state[network].items()}
            for network in ("actor", "critic", "target_critic")}
-    for network in ("actor", "critic"):
-        names, saved = list(state[network]), state[f"{network}_optimizer"]
-        out[f"{network}_optimizer"] = {"param_groups": saved["param_groups"], "state": {
-            index: {key: value if key == "step" else one(network, names[index], value)
-                    for key, value in moments.items()}
+    for optimizer in ("actor_optimizer", "critic_optimizer"):
+        saved = state[optimizer]
+        out[optimizer] = {"param_groups": saved["param_groups"], "state": {
+            index: {key: value if key == "step" else value[i].clone() for key, value in moments.items()}
             for index, moments in saved["state"].items()}}
     return out
 
@@ -991,6 +1013,7 @@ class SeedRuns:
     resumes all N (the newest wins: a crash between the N atomic writes loses nothing)."""
 
     def __init__(self, runs: List["Run"], seeds: List[int]):
+        self.update_time, self.checkpoint_state, self.pending, self.pool = 0.0, None, None, None  # evaluated here
         self.runs, self.seeds, self.agent = runs, seeds, None
         self.config, self.data, self.dir, self.logger = runs[0].config, runs[0].data, runs[0].dir, self
         saved = runs[0].checkpoint
@@ -1011,7 +1034,7 @@ class SeedRuns:
             configs = [replace(config, seed=s, run_name=name) for s, name in zip(seeds, names)]
         else:
             dirs = seed_dirs(Path(config.resume), seeds)
-            newest_checkpoint_everywhere(dirs, len(seeds))
+            newest_checkpoint_everywhere(dirs)
             configs = [replace(config, seed=s, run_name=d.name, resume=str(d)) for s, d in zip(seeds, dirs)]
         if config.wandb_mode != "disabled":
             os.environ["WANDB_REINIT"] = "create_new"  # one wandb run per seed in this process
@@ -1019,6 +1042,13 @@ class SeedRuns:
         set_seed(seeds[0])  # start_run seeded each seed in turn; the first seed's stream drives all N
         Run.active = group
         return group
+
+    def __getattr__(self, name: str):
+        """The loop's bookkeeping (resume_agent, steps, timed, checkpoint_agent, ...) as a Run does it, on the
+        group: its step, phase, save_checkpoint and (in-process) evaluate are the group's own."""
+        if name in ("resume_agent", "steps", "timed", "checkpoint_agent", "agent_results", "collect", "close"):
+            return getattr(Run, name).__get__(self)
+        raise AttributeError(name)
 
     @property
     def phase(self) -> str:
@@ -1049,20 +1079,21 @@ class SeedRuns:
             if mine:
                 run.logger.log(mine, step, phase)
 
-    def evaluate(self, act: Callable[[torch.Tensor], torch.Tensor], buffer: "ReplayBuffer") -> float:
+    def evaluate(self, act: Callable[[torch.Tensor], torch.Tensor], buffer: "ReplayBuffer", evaluations: list) -> None:
         """Every seed's episodes stepped together in one vector env, seed s's reset with seeds s, s + 1, ... as a
-        --seed s run's; each seed's score logged and printed in its own run; returns the seeds' mean."""
+        --seed s run's (here, not in workers); each seed's score logged and printed in its own run; the loop's
+        `evaluations` get the seeds' mean."""
         episodes, data = self.config.eval_episodes, self.data
         env_seeds = [seed + j for seed in self.seeds for j in range(episodes)]
         returns = evaluate(data.make_eval_env, act, buffer.state_mean, buffer.state_std, len(env_seeds), env_seeds,
                            self.config.device).reshape(len(self.seeds), episodes)
         reference = f"  (dataset average {data.dataset_score:.1f})" if data.dataset_score is not None else ""
-        for run, seed_returns, evaluations in zip(self.runs, returns, self.evaluations):
+        for run, seed_returns, seed_evaluations in zip(self.runs, returns, self.evaluations):
             score = float(np.mean(data.normalize_score(seed_returns)))
             run.logger.log({"eval/normalized_score": score, "eval/return": float(seed_returns.mean())}, step=run.step)
             run.note(f"step {run.step}  seed {run.config.seed}  normalized {score:.1f}{reference}")
-            evaluations.append((run.step, score))
-        return float(np.mean([evaluations[-1][1] for evaluations in self.evaluations]))
+            seed_evaluations.append((run.step, score))
+        evaluations.append((self.step, float(np.mean([seed[-1][1] for seed in self.evaluations]))))
 
     def save_checkpoint(self, state: dict) -> None:
         """Every seed's checkpoint.pt: its own agent and scores as a single run's, and the group's state."""
@@ -1098,17 +1129,17 @@ class SeedRuns:
         return paths[0]
 
 
-def newest_checkpoint_everywhere(dirs: List[Path], seeds: int) -> None:
+def newest_checkpoint_everywhere(dirs: List[Path]) -> None:
     """Before resuming: a seed whose checkpoint.pt is older than the newest phase-2 one (a stop between the N
     writes) gets its part of the newest, so every seed resumes, and drops its metrics, from the same step."""
     saved = {d: torch_load(d / "checkpoint.pt") for d in dirs if (d / "checkpoint.pt").exists()}
-    newest = max(saved.values(), key=lambda c: (phase_rank(c["phase"]), c["step"]), default=None)
+    newest = max(saved.values(), key=lambda c: (c["phase"] == "rl", c["step"]), default=None)
     if newest is None or "seed_group" not in newest:
         return
     for i, run_dir in enumerate(dirs):
         if run_dir not in saved or (saved[run_dir]["phase"], saved[run_dir]["step"]) != ("rl", newest["step"]):
             group = newest["seed_group"]
-            save_atomic({**newest, "agent": seed_agent_state(group["agent"], i, seeds),
+            save_atomic({**newest, "agent": seed_agent_state(group["agent"], i),
                          "evaluations": group["evaluations"][i]}, run_dir / "checkpoint.pt")
 
 
@@ -1133,7 +1164,6 @@ def train_seeds(config: TrainConfig, seeds: List[int]) -> Path:
 # Nothing below is part of the algorithm: data sources, evaluation, checkpoints, logging, config parsing.
 
 
-# ---- [block: d4rl names] ---------------------------------------------------------------------------
 D4RL_LOCOMOTION = re.compile(r"^(halfcheetah|hopper|walker2d)-"
                              r"(random|medium|medium-replay|medium-expert|expert|full-replay)-v2$")
 D4RL_MAZE2D = re.compile(r"^maze2d-(umaze|medium|large)-v1$")
@@ -1145,39 +1175,15 @@ def d4rl_filename(name: str) -> str:
         return name.replace("-v1", "-sparse-v1") + ".hdf5"
     env, level = name[: -len("-v2")].split("-", 1)
     return f"{env}_{level.replace('-', '_')}-v2.hdf5"
-# ---- [end block: d4rl names] -----------------------------------------------------------------------
 
 
-# ---- [block: d4rl scores] --------------------------------------------------------------------------
 D4RL_REF_SCORES = {  # D4RL's (random, expert) returns: normalised score = 100 (R - min) / (max - min)
     "halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3),
     "maze2d-umaze": (23.85, 161.86), "maze2d-medium": (13.13, 277.39), "maze2d-large": (6.7, 273.99),
 }
 GYMNASIUM_IDS = {"halfcheetah": "HalfCheetah", "hopper": "Hopper", "walker2d": "Walker2d"}
-# ---- [end block: d4rl scores] ----------------------------------------------------------------------
-
-
-# ---- [block: data] ---------------------------------------------------------------------------------
-# Data sources (`--env`, `--dataset_path`), in the order they are tried:
-# 1. `--dataset_path FILE`: any D4RL-format HDF5 file; evaluation env from `--eval_env` or from the
-#    file's `env` attribute; scores normalised with the file's `ref_min_score`/`ref_max_score`
-#    attributes (or D4RL's table when the file name is a D4RL one).
-# 2. `--env <d4rl name>` with d4rl importable (the Docker image): `gym.make(name).get_dataset()`,
-#    evaluation in d4rl's own env, `d4rl.get_normalized_score`.
-# 3. `--env <d4rl name>` without d4rl: the HDF5 file d4rl would have cached, read from
-#    `$D4RL_DATASET_DIR` (default ~/.d4rl/datasets; get it with `python data/download_d4rl.py NAME`),
-#    evaluated in Gymnasium's *v4* MuJoCo env: the v2 files were collected with gym's v2 classes, and
-#    v4 is the modern env with the same observations, rewards and termination (v5 changes Hopper's
-#    terminal reward and Walker2d's foot friction). maze2d has no Gymnasium twin: it needs d4rl.
-# 4. `--env <bundled name>` (`<env>-<level>-gymv5`, default `halfcheetah-medium-gymv5`): a dataset
-#    generated by data/generate.py from a policy shipped in data/policies/, into `$CNF_DATA_DIR`
-#    (default ~/.cache/cnf/datasets) on first use, then reused.
-# 5. `--env <Minari id>` (`mujoco/halfcheetah/medium-v0`, ...: any id with a '/'): a dataset in local
-#    Minari storage (`$MINARI_DATASETS_PATH`, default ~/.minari/datasets), read offline with `minari`;
-#    episodes become D4RL's layout (terminations -> terminals, truncations -> timeouts), evaluation
-#    runs in the dataset's own env (`recover_environment(eval_env=True)`), scores are Minari's
-#    normalised scores where the dataset has reference scores, else raw returns (results.json says which).
 BUNDLED = re.compile(r"^(halfcheetah|hopper|walker2d)-(random|medium|medium-replay|expert|medium-expert)-gymv5$")
+MINARI_ID = re.compile(r"^[\w.-]+(/[\w.-]+)*/[\w.-]+-v\d+$")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -1191,25 +1197,19 @@ class OfflineData:
     rewards: np.ndarray  # [N] float32
     next_observations: np.ndarray  # [N, obs_dim] float32
     dones: np.ndarray  # [N] float32, 1 where the episode terminated (not timed out)
-    make_eval_env: Callable[[int], object]  # num_envs -> vector env
+    make_eval_env: Callable[[int], object]  # num_envs -> vector env (picklable: workers make their own)
     normalize_score: Callable[[np.ndarray], np.ndarray]  # episode returns -> 100 x normalised
     dataset_score: Optional[float] = None  # mean normalised return of the data's whole episodes
     score: str = "normalized: 100 (R - random) / (expert - random), D4RL's reference returns"
 
 
 def qlearning_dataset(raw: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """D4RL's `qlearning_dataset`: next observation = the next row; rows whose `timeouts` is set
-    (the last step of an episode cut by the time limit) are dropped, terminal rows are kept with
-    done = 1, and the file's last row is dropped (it has no next row)."""
-    n = len(raw["rewards"])
-    keep = np.flatnonzero(~raw["timeouts"][: n - 1].astype(bool))
-    return {
-        "observations": raw["observations"][keep],
-        "actions": raw["actions"][keep],
-        "rewards": raw["rewards"][keep],
-        "next_observations": raw["observations"][keep + 1],
-        "dones": raw["terminals"][keep].astype(np.float32),
-    }
+    """D4RL's `qlearning_dataset`: next observation = the next row; timeout rows (an episode's cut end) and the
+    file's last row are dropped, terminal rows kept with done = 1."""
+    keep = np.flatnonzero(~raw["timeouts"][: len(raw["rewards"]) - 1].astype(bool))
+    return {"observations": raw["observations"][keep], "actions": raw["actions"][keep],
+            "rewards": raw["rewards"][keep], "next_observations": raw["observations"][keep + 1],
+            "dones": raw["terminals"][keep].astype(np.float32)}
 
 
 def episode_returns(raw: Dict[str, np.ndarray]) -> np.ndarray:
@@ -1227,14 +1227,12 @@ def read_hdf5(path: str) -> Dict[str, np.ndarray]:
                          f"(D4RL files: python data/download_d4rl.py NAME)")
     try:
         with h5py.File(path, "r") as f:
-            missing = [k for k in ("observations", "actions", "rewards", "terminals", "timeouts") if k not in f]
-            if missing:
+            keys = ("observations", "actions", "rewards", "terminals", "timeouts")
+            if missing := [k for k in keys if k not in f]:
                 raise SystemExit(f"error: {path} lacks the D4RL keys {missing}; see data/README.md for the format")
-            raw = {k: f[k][:] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
-            raw["attrs"] = dict(f.attrs)
+            return {**{k: f[k][:] for k in keys}, "attrs": dict(f.attrs), "path": path}
     except OSError as e:
         raise SystemExit(f"error: {path} is not a readable HDF5 file ({e}); download or generate it again") from None
-    return raw
 
 
 def check_dataset(raw: Dict[str, np.ndarray], source: str) -> Dict[str, np.ndarray]:
@@ -1252,198 +1250,148 @@ def check_dataset(raw: Dict[str, np.ndarray], source: str) -> Dict[str, np.ndarr
         if bad.any():
             raise SystemExit(f"error: {source}: {bad.sum()} rows of '{key}' hold NaN or inf "
                              f"(first: row {np.flatnonzero(bad)[0]}); remove or repair them")
-    worst = np.abs(act).max()
-    if worst > 1.0 + 1e-4:
+    if np.abs(act).max() > 1.0 + 1e-4:
         row = np.flatnonzero(np.abs(act).max(axis=1) > 1.0 + 1e-4)[0]
-        raise SystemExit(f"error: {source}: actions must lie in [-1, 1] (max |a| = {worst:.4g}, row {row}); "
-                         f"rescale them to the env's action box first")
-    raw["observations"] = obs.astype(np.float32)
-    raw["actions"] = np.clip(act, -1.0, 1.0).astype(np.float32)
-    raw["rewards"] = np.asarray(raw["rewards"], dtype=np.float32)
-    return raw
+        raise SystemExit(f"error: {source}: actions must lie in [-1, 1] (max |a| = {np.abs(act).max():.4g}, row "
+                         f"{row}); rescale them to the env's action box first")
+    return {**raw, "observations": obs.astype(np.float32), "actions": np.clip(act, -1.0, 1.0).astype(np.float32),
+            "rewards": np.asarray(raw["rewards"], dtype=np.float32)}
 
 
-def quiet_mujoco() -> None:
-    """MuJoCo prints a deprecation of HalfCheetah's XML (`settotalmass`) at every model load: drop that
-    one message; every other MuJoCo warning goes on to Python's warnings."""
-    try:
-        import mujoco
-    except ImportError:
-        return
+def make_vector_env(kind: str, env_id: str, num_envs: int):
+    """`num_envs` evaluation envs in one sync vector env: Gymnasium's (`make_vec`), d4rl's (old gym) or a
+    Minari dataset's own (`recover_environment`). Used through functools.partial, which workers can pickle."""
+    with warnings.catch_warnings():  # MuJoCo envs warn about deprecated model setters at every make
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if kind == "d4rl":
+            import d4rl  # noqa: F401  (registers the D4RL envs)
+            import gym
 
-    def forward(message: str) -> None:
-        if "settotalmass" not in message:
-            warnings.warn(f"MuJoCo: {message}")
-
-    mujoco.set_mju_user_warning(forward)
-
-
-def gymnasium_vector_env(env_id: str) -> Callable[[int], object]:
-    def make(num_envs: int):
+            return gym.vector.SyncVectorEnv([lambda: gym.make(env_id)] * num_envs)
         import gymnasium
 
-        quiet_mujoco()
-        with warnings.catch_warnings():  # MuJoCo envs warn about deprecated model setters at every make
-            warnings.simplefilter("ignore", DeprecationWarning)
-            try:
-                return gymnasium.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync")
-            except gymnasium.error.Error as e:
-                raise SystemExit(f"error: cannot make the evaluation env {env_id!r} ({e}); pass a Gymnasium id "
-                                 f"that is installed with --eval_env (e.g. HalfCheetah-v5, Hopper-v4)") from None
+        if kind == "minari":
+            import minari
 
-    return make
+            dataset = minari.load_dataset(env_id, download=False)
+            return gymnasium.vector.SyncVectorEnv([lambda: dataset.recover_environment(eval_env=True)] * num_envs)
+        try:
+            import mujoco  # HalfCheetah's XML warns (`settotalmass`) at every load: drop that one message
+            mujoco.set_mju_user_warning(lambda m: None if "settotalmass" in m else warnings.warn(f"MuJoCo: {m}"))
+        except ImportError:
+            pass
+        try:
+            return gymnasium.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync")
+        except gymnasium.error.Error as e:
+            raise SystemExit(f"error: cannot make the evaluation env {env_id!r} ({e}); pass a Gymnasium id "
+                             f"that is installed with --eval_env (e.g. HalfCheetah-v5, Hopper-v4)") from None
 
 
-def reference_normalizer(low: float, high: float) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda returns: 100.0 * (np.asarray(returns) - low) / (high - low)
-
-
-def bundled_names() -> List[str]:
-    """The generated datasets this checkout can build: one per level with a shipped policy."""
-    names = []
-    for env in GYMNASIUM_IDS:
-        shipped = {level for level in ("medium", "medium-replay", "expert")
-                   if (REPO_ROOT / "data" / "policies" / f"{env}-{level}.{'hdf5' if 'replay' in level else 'pt'}")
-                   .exists()}
-        levels = ["random", *sorted(shipped)] + (["medium-expert"] if {"medium", "expert"} <= shipped else [])
-        names += [f"{env}-{level}-gymv5" for level in levels]
-    return names
+def bundled_sources(name: str) -> Optional[List[Path]]:
+    """The shipped files a bundled dataset `<env>-<level>-gymv5` is generated from, or None if one is missing."""
+    env, level = BUNDLED.match(name).groups() if BUNDLED.match(name) else (None, None)
+    files = {"random": [], "medium-expert": ["medium.pt", "expert.pt"]}.get(level, [f"{level}.pt"])
+    paths = [REPO_ROOT / "data" / "policies" / f"{env}-{f.replace('replay.pt', 'replay.hdf5')}" for f in files]
+    return paths if env and all(p.exists() for p in paths) else None
 
 
 def bundled_dataset_path(name: str) -> str:
-    """Find a bundled dataset in the cache; on first use generate it from the shipped policy."""
-    cache = Path(os.environ.get("CNF_DATA_DIR", Path.home() / ".cache" / "cnf" / "datasets"))
-    path = cache / f"{name}.hdf5"
-    if not path.exists():
-        env, level = BUNDLED.match(name).groups()
-        print(f"generating the bundled dataset {name} into {path} (once; later runs reuse it)", file=sys.stderr)
-        cmd = [sys.executable, str(REPO_ROOT / "data" / "generate.py"), "--env", f"{GYMNASIUM_IDS[env]}-v5",
-               "--level", level, "--num_steps", "1000000", "--seed", "0", "--out", str(path)]
-        if subprocess.run(cmd).returncode != 0:
-            raise SystemExit(f"error: could not generate {name}; run {' '.join(cmd[1:])} to see why")
+    """The bundled dataset in $CNF_DATA_DIR (default ~/.cache/cnf/datasets), generated on first use, and again when
+    the shipped files it came from changed (its policy_sha256 attribute)."""
+    import h5py
+
+    path = Path(os.environ.get("CNF_DATA_DIR", Path.home() / ".cache" / "cnf" / "datasets")) / f"{name}.hdf5"
+    hashes = ",".join(hashlib.sha256(p.read_bytes()).hexdigest() for p in bundled_sources(name))
+    if path.exists():
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("policy_sha256") in (hashes or "none (uniform random actions)", None):
+                return str(path)
+        print(f"{path} came from an older shipped policy: generating it again", file=sys.stderr)
+    print(f"generating the bundled dataset {name} into {path} (once; later runs reuse it)", file=sys.stderr)
+    env, level = BUNDLED.match(name).groups()
+    cmd = [sys.executable, str(REPO_ROOT / "data" / "generate.py"), "--env", f"{GYMNASIUM_IDS[env]}-v5",
+           "--level", level, "--num_steps", "1000000", "--seed", "0", "--out", str(path)]
+    if subprocess.run(cmd).returncode != 0:
+        raise SystemExit(f"error: could not generate {name}; run {' '.join(cmd[1:])} to see why")
     return str(path)
 
 
-def data_from_file(config) -> tuple:
-    """Source 1: any D4RL-format HDF5 file."""
-    name, raw = Path(config.dataset_path).stem, read_hdf5(config.dataset_path)
-    attrs = raw.pop("attrs")
-    eval_env = config.eval_env or attrs.get("env")
-    if eval_env is None:
-        raise SystemExit(f"error: {config.dataset_path} has no 'env' attribute; pass --eval_env (a Gymnasium id)")
-    d4rl_key = next((k for k in D4RL_REF_SCORES if name.startswith(k)), None)
-    if "ref_min_score" in attrs:
-        low, high = float(attrs["ref_min_score"]), float(attrs["ref_max_score"])
-    elif d4rl_key is not None:
-        low, high = D4RL_REF_SCORES[d4rl_key]
-    else:
-        raise SystemExit(f"error: {config.dataset_path} has no ref_min_score/ref_max_score attributes "
-                         f"to normalise scores with; add them (see data/README.md)")
-    return name, raw, gymnasium_vector_env(str(eval_env)), reference_normalizer(low, high)
+def data_source(config) -> str:
+    """The data source (refused before any work if unknown): 1. `--dataset_path FILE`, any D4RL-format HDF5
+    (env: --eval_env or its `env` attribute; scores: its ref_min/max_score attributes, or D4RL's for a D4RL name);
+    a D4RL name with 2. d4rl importable (Docker): d4rl's data, env and score, 3. without: d4rl's cached file
+    ($D4RL_DATASET_DIR), evaluated in Gymnasium's v4 env (the v2 files' dynamics); 4. a bundled `*-gymv5`
+    (data/generate.py); 5. a Minari id, read offline, in its own env, with Minari's scores (else raw returns)."""
+    if config.dataset_path is not None:
+        return "file"
+    if D4RL_LOCOMOTION.match(config.env) or D4RL_MAZE2D.match(config.env):
+        found = importlib.util.find_spec("d4rl") is not None and importlib.util.find_spec("gym") is not None
+        return "d4rl" if found else "d4rl file"
+    if bundled_sources(config.env) is not None:
+        return "bundle"
+    if MINARI_ID.match(config.env):
+        return "minari"
+    bundled = [n for n in (f"{e}-{level}-gymv5" for e in GYMNASIUM_IDS for level in ("random", "medium",
+               "medium-replay", "expert", "medium-expert")) if bundled_sources(n) is not None]
+    raise SystemExit(f"error: unknown --env {config.env!r}; use a D4RL name (e.g. halfcheetah-medium-v2, "
+                     f"maze2d-umaze-v1), a bundled one ({', '.join(bundled)}), a Minari id "
+                     f"(e.g. mujoco/halfcheetah/medium-v0), or --dataset_path FILE")
 
 
-def data_from_d4rl(config) -> tuple:
-    """Source 2: d4rl's own loader, env and score (the Docker image)."""
-    import d4rl
-    import gym
+def read_source(config) -> tuple:
+    """(name, raw D4RL-layout arrays, make_eval_env, normalize_score) from the config's data source."""
+    source, name = data_source(config), config.env
+    if source == "d4rl":  # scored with D4RL's reference returns, as d4rl.get_normalized_score does
+        low, high = next(v for k, v in D4RL_REF_SCORES.items() if name.startswith(k))
+        import d4rl  # noqa: F401  (registers the D4RL envs)
+        import gym
 
-    name = config.env
+        return (name, gym.make(name).get_dataset(), functools.partial(make_vector_env, "d4rl", name),
+                lambda returns: 100.0 * (np.asarray(returns) - low) / (high - low))
+    if source == "minari":
+        import minari
 
-    def make_env(num_envs: int):
-        return gym.vector.SyncVectorEnv([lambda: gym.make(name)] * num_envs)
-
-    def normalize(returns: np.ndarray) -> np.ndarray:
-        return 100.0 * np.asarray([d4rl.get_normalized_score(name, r) for r in np.atleast_1d(returns)])
-
-    return name, gym.make(name).get_dataset(), make_env, normalize
-
-
-def data_from_d4rl_file(config) -> tuple:
-    """Source 3: the HDF5 file d4rl would have cached, evaluated in Gymnasium's v4 env."""
-    name = config.env
-    if D4RL_MAZE2D.match(name):
+        try:
+            dataset = minari.load_dataset(name, download=False)
+        except FileNotFoundError:
+            raise SystemExit(f"error: the Minari dataset {name} is not in local storage (MINARI_DATASETS_PATH "
+                             f"or ~/.minari/datasets); get it with: minari download {name}") from None
+        episodes = list(dataset.iterate_episodes())
+        raw = {key: np.concatenate([getattr(e, attr)[: len(e.actions)] for e in episodes])
+               for key, attr in [("observations", "observations"), ("actions", "actions"), ("rewards", "rewards"),
+                                 ("terminals", "terminations"), ("timeouts", "truncations")]}
+        raw["timeouts"] = raw["timeouts"] & ~raw["terminals"]  # ended by the time limit only: no done flag
+        normalize = (functools.partial(lambda r, d: 100.0 * minari.get_normalized_score(d, np.asarray(r)), d=dataset)
+                     if "ref_min_score" in dataset.storage.metadata else np.asarray)
+        return name, raw, functools.partial(make_vector_env, "minari", name), normalize
+    if source == "d4rl file" and D4RL_MAZE2D.match(name):
         raise SystemExit(f"error: {name} needs d4rl (maze2d has no Gymnasium equivalent): use the Docker image")
-    path = Path(os.environ.get("D4RL_DATASET_DIR", Path.home() / ".d4rl" / "datasets")) / d4rl_filename(name)
-    if not path.exists():
+    path = {"file": config.dataset_path, "bundle": lambda: bundled_dataset_path(name), "d4rl file": Path(
+        os.environ.get("D4RL_DATASET_DIR", Path.home() / ".d4rl" / "datasets")) / d4rl_filename(name)}[source]
+    if source == "d4rl file" and not path.exists():
         raise SystemExit(f"error: d4rl is not installed and {path} does not exist; "
                          f"run: python data/download_d4rl.py {name}")
-    raw = read_hdf5(str(path))
-    raw.pop("attrs")
-    env_key = name.split("-")[0]
-    return (name, raw, gymnasium_vector_env(config.eval_env or f"{GYMNASIUM_IDS[env_key]}-v4"),
-            reference_normalizer(*D4RL_REF_SCORES[env_key]))
-
-
-def data_from_bundle(config) -> tuple:
-    """Source 4: a dataset generated by data/generate.py from a shipped policy."""
-    raw = read_hdf5(bundled_dataset_path(config.env))
-    attrs = raw.pop("attrs")
-    return (config.env, raw, gymnasium_vector_env(config.eval_env or str(attrs["env"])),
-            reference_normalizer(float(attrs["ref_min_score"]), float(attrs["ref_max_score"])))
-
-
-MINARI_ID = re.compile(r"^[\w.-]+(/[\w.-]+)*/[\w.-]+-v\d+$")
-
-
-def data_from_minari(config) -> tuple:
-    """Source 5: a Minari dataset from local storage (no download)."""
-    import minari
-
-    try:
-        dataset = minari.load_dataset(config.env, download=False)
-    except FileNotFoundError:
-        raise SystemExit(f"error: the Minari dataset {config.env} is not in local storage (MINARI_DATASETS_PATH "
-                         f"or ~/.minari/datasets); get it with: minari download {config.env}") from None
-    episodes = list(dataset.iterate_episodes())
-    raw = {key: np.concatenate([getattr(e, attr)[: len(e.actions)] for e in episodes])
-           for key, attr in [("observations", "observations"), ("actions", "actions"), ("rewards", "rewards"),
-                             ("terminals", "terminations"), ("timeouts", "truncations")]}
-    raw["timeouts"] = raw["timeouts"] & ~raw["terminals"]  # ended by the time limit only: no done flag
-
-    def make_env(num_envs: int):
-        import gymnasium
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return gymnasium.vector.SyncVectorEnv([lambda: dataset.recover_environment(eval_env=True)] * num_envs)
-
-    if "ref_min_score" in dataset.storage.metadata:  # what minari.get_normalized_score uses, x 100
-        normalize = lambda returns: 100.0 * minari.get_normalized_score(dataset, np.asarray(returns))  # noqa: E731
-    else:
-        normalize = np.asarray
-    return config.env, raw, make_env, normalize
-
-
-def d4rl_installed() -> bool:
-    try:
-        import d4rl  # noqa: F401  (registers the D4RL envs)
-        import gym  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def data_source(config) -> Callable:
-    """The resolver for --dataset_path / --env; an unknown name is refused before anything is loaded."""
-    if config.dataset_path is not None:
-        return data_from_file
-    if D4RL_LOCOMOTION.match(config.env) or D4RL_MAZE2D.match(config.env):
-        return data_from_d4rl if d4rl_installed() else data_from_d4rl_file
-    if config.env in bundled_names():
-        return data_from_bundle
-    if MINARI_ID.match(config.env):
-        return data_from_minari
-    raise SystemExit(f"error: unknown --env {config.env!r}; use a D4RL name (e.g. halfcheetah-medium-v2, "
-                     f"maze2d-umaze-v1), a bundled one ({', '.join(bundled_names())}), a Minari id "
-                     f"(e.g. mujoco/halfcheetah/medium-v0), or --dataset_path FILE")
+    raw = read_hdf5(str(path() if callable(path) else path))
+    name, attrs = name if source == "d4rl file" else Path(raw["path"]).stem, raw["attrs"]
+    d4rl_key = next((k for k in D4RL_REF_SCORES if name.startswith(k)), None)  # a D4RL file is evaluated in v4
+    eval_env = config.eval_env or attrs.get("env") or (f"{GYMNASIUM_IDS[d4rl_key]}-v4" if source == "d4rl file"
+                                                       else None)
+    if eval_env is None:
+        raise SystemExit(f"error: {raw['path']} has no 'env' attribute; pass --eval_env (a Gymnasium id)")
+    if "ref_min_score" not in attrs and d4rl_key is None:
+        raise SystemExit(f"error: {raw['path']} has no ref_min_score/ref_max_score attributes "
+                         f"to normalise scores with; add them (see data/README.md)")
+    low, high = ((float(attrs["ref_min_score"]), float(attrs["ref_max_score"])) if "ref_min_score" in attrs
+                 else D4RL_REF_SCORES[d4rl_key])
+    return (name, raw, functools.partial(make_vector_env, "gymnasium", str(eval_env)),
+            lambda returns: 100.0 * (np.asarray(returns) - low) / (high - low))
 
 
 def load_offline_data(config) -> OfflineData:
     """Resolve --dataset_path / --env to transitions, an evaluation env and a score normaliser."""
-    name, raw, make_env, normalize = data_source(config)(config)
+    name, raw, make_env, normalize = read_source(config)
     raw = check_dataset(raw, config.dataset_path or name)
-    returns = episode_returns(raw)
-    data = qlearning_dataset(raw)
+    returns, data = episode_returns(raw), qlearning_dataset(raw)
     if len(data["rewards"]) < 2:
         raise SystemExit(f"error: {config.dataset_path or name} holds {len(data['rewards'])} transition(s) "
                          f"after dropping timeout rows; a dataset needs at least 2")
@@ -1451,14 +1399,6 @@ def load_offline_data(config) -> OfflineData:
     kind = {} if normalize is not np.asarray else {"score": "raw episode return (the data has no reference scores)"}
     return OfflineData(name=name, make_eval_env=make_env, normalize_score=normalize, dataset_score=score, **kind,
                        **data)
-
-
-def check_eval_env(envs, data: OfflineData) -> None:
-    obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
-    if (obs_dim, act_dim) != (data.observations.shape[1], data.actions.shape[1]):
-        raise SystemExit(f"error: the data has {data.observations.shape[1]}-dim observations and "
-                         f"{data.actions.shape[1]}-dim actions, the evaluation env {obs_dim} and {act_dim}; "
-                         f"pass the matching --eval_env")
 
 
 class ReplayBuffer:
@@ -1478,65 +1418,77 @@ class ReplayBuffer:
     def sample(self, batch_size: int) -> Tuple[torch.Tensor, ...]:
         idx = torch.randint(0, self.size, (batch_size,), device=self.device)
         return self.states[idx], self.actions[idx], self.rewards[idx], self.next_states[idx], self.dones[idx]
-# ---- [end block: data] -----------------------------------------------------------------------------
 
 
-# ---- [block: evaluation] ---------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(make_env: Callable[[int], object], act: Callable[[torch.Tensor], torch.Tensor],
              state_mean: np.ndarray, state_std: np.ndarray, episodes: int, seed: int, device: str) -> np.ndarray:
-    """Return of `episodes` episodes stepped together in one vector env; `act` maps normalised
-    states [episodes, obs_dim] to actions. Works with Gymnasium's and old gym's vector envs."""
+    """Return of `episodes` episodes stepped together in one vector env; `act` maps normalised states
+    [episodes, obs_dim] to actions in one call per env step. A policy that samples draws from a stream seeded by
+    `seed`, apart from training's. Works with Gymnasium's and old gym's vector envs. An evaluation worker's `act`
+    is a `policy_snapshot`, acting on the CPU."""
+    if isinstance(act, bytes):
+        torch.set_num_threads(1)
+        act = torch.load(io.BytesIO(act), map_location="cpu", weights_only=False)  # our own pickle
     envs = make_env(episodes)
     reset = envs.reset(seed=seed)
     obs = reset[0] if isinstance(reset, tuple) else reset
     returns, running = np.zeros(episodes), np.ones(episodes, dtype=bool)
-    while running.any():
-        states = torch.as_tensor((obs - state_mean) / state_std, dtype=torch.float32, device=device)
-        out = envs.step(act(states).cpu().numpy())
-        if len(out) == 5:  # Gymnasium: obs, reward, terminated, truncated, info
-            obs, reward, terminated, truncated, _ = out
-            done = terminated | truncated
-        else:  # gym 0.23: obs, reward, done, info
-            obs, reward, done, _ = out
-        returns += reward * running  # an env that finished keeps auto-resetting: ignore it
-        running &= ~np.asarray(done, dtype=bool)
+    with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(int(np.atleast_1d(seed)[0]))
+        while running.any():
+            states = torch.as_tensor((obs - state_mean) / state_std, dtype=torch.float32, device=device)
+            out = envs.step(act(states).cpu().numpy())
+            obs, reward, done = out[0], out[1], (out[2] | out[3]) if len(out) == 5 else out[2]  # Gymnasium; gym 0.23
+            returns += reward * running  # an env that finished keeps auto-resetting: ignore it
+            running &= ~np.asarray(done, dtype=bool)
     envs.close()
     return returns
-# ---- [end block: evaluation] -----------------------------------------------------------------------
 
 
-# ---- [block: utilities] ----------------------------------------------------------------------------
+def policy_snapshot(act: Callable[[torch.Tensor], torch.Tensor]) -> bytes:
+    """What acting needs, for an evaluation worker: `act` (an agent's bound method) pickled with a copy of its
+    agent without optimisers, its config on the CPU."""
+    agent = copy.copy(act.__self__)
+    agent.__dict__.update({k: None for k, v in vars(agent).items() if isinstance(v, torch.optim.Optimizer)})
+    if hasattr(agent, "config"):
+        agent.config = replace(agent.config, device="cpu")
+    snapshot = io.BytesIO()
+    torch.save(getattr(agent, act.__name__), snapshot)
+    return snapshot.getvalue()
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
-    """Every generator's state, in types that torch.load(weights_only=True) accepts."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
-    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def rng_state() -> torch.Tensor:
+    """Every generator's state (python, numpy, torch, CUDA), pickled into a tensor torch.load(weights_only) reads."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    state = pickle.dumps((random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda))
+    return torch.frombuffer(bytearray(state), dtype=torch.uint8)
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(state: torch.Tensor) -> None:
+    python, numpy, cpu, cuda = pickle.loads(state.numpy().tobytes())  # our own checkpoint's
+    random.setstate(python)
+    np.random.set_state(numpy)
+    torch.set_rng_state(cpu)
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temp file, then rename: a crash or kill never leaves a half-written file."""
+def save_atomic(obj, path: Path) -> Path:
+    """torch.save (JSON for .json, the text for a str) to a temp file, then rename: a kill never leaves half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
+    if isinstance(obj, str) or path.suffix == ".json":
+        tmp.write_text(obj if isinstance(obj, str) else json.dumps(obj, indent=1))
+    else:
+        torch.save(obj, tmp)
     os.replace(tmp, path)
+    return path
 
 
 def torch_load(path) -> dict:
@@ -1550,60 +1502,40 @@ def torch_load(path) -> dict:
 
 
 def compiled(step: Callable, config) -> Callable:
-    """`--compile`: `step` (a whole update: sampling, forward, backward, optimiser steps) through
-    torch.compile; on CUDA in mode reduce-overhead, which replays it as CUDA graphs, so an update costs
-    a few graph launches instead of one launch per operator. Random draws inside stay fresh at every
-    replay (Inductor threads the RNG state through the graph). The maths is the eager update's."""
-    if not config.compile:
-        return step
-    return torch.compile(step, mode="reduce-overhead" if torch.device(config.device).type == "cuda" else None)
-
-
-def phase_rank(phase: str) -> int:
-    """Pre-training phases (flow, vae, ...) come before the RL phase."""
-    return 1 if phase == "rl" else 0
+    """`--compile`: a whole update through torch.compile, on CUDA replayed as CUDA graphs (reduce-overhead); random
+    draws stay fresh at every replay, the maths is the eager update's."""
+    cuda = torch.device(config.device).type == "cuda"
+    return torch.compile(step, mode="reduce-overhead" if cuda else None) if config.compile else step
 
 
 class RunLogger:
-    """metrics.jsonl in the run directory (so curves never need wandb) plus wandb, offline by default.
-    Each phase has its own step axis in wandb (`flow_step`, `rl_step`, ...), so nothing is dropped
-    when phase 2 starts again at step 1. On --resume, lines past the checkpoint are dropped first."""
+    """metrics.jsonl (curves never need wandb; on --resume cut to what the checkpoint covers) and wandb (offline by
+    default; each phase has its own step axis, `flow_step`, `rl_step`, ...)."""
 
     def __init__(self, config, run_dir: Path, checkpoint: Optional[dict]):
-        path = run_dir / "metrics.jsonl"
-        if path.exists():  # keep what the checkpoint covers; the resumed run logs the rest again
-            keep = []
-            if checkpoint is not None:
-                last = (phase_rank(checkpoint["phase"]), checkpoint["step"])
-                for line in path.read_text().splitlines():
-                    row = json.loads(line)
-                    if (phase_rank(row.get("phase", "rl")), row["step"]) <= last:
-                        keep.append(line + "\n")
-            tmp = run_dir / ".metrics.jsonl.tmp"
-            tmp.write_text("".join(keep))
-            os.replace(tmp, path)
+        path, rank = run_dir / "metrics.jsonl", lambda row: (row.get("phase", "rl") == "rl", row["step"])
+        if path.exists():  # keep what the checkpoint covers (pre-training phases first); the rest is logged again
+            last = rank(checkpoint) if checkpoint is not None else (False, -1)
+            kept = "".join(line + "\n" for line in path.read_text().splitlines() if rank(json.loads(line)) <= last)
+            save_atomic(kept, path)
         self.file, self.axes, self.wandb = open(path, "a"), set(), None
-        if config.wandb_mode == "disabled":  # wandb is not even imported
-            return
-        import wandb
+        if config.wandb_mode != "disabled":  # else wandb is not even imported
+            import wandb
 
-        os.environ.setdefault("WANDB_SILENT", "true")
-        self.wandb = wandb.init(project=config.wandb_project, group=f"{ALGORITHM}-{config.env}",
-                                name=run_dir.name, config=asdict(config), dir=str(run_dir),
-                                mode=config.wandb_mode, resume="allow", id=run_dir.name.replace("/", "_"),
-                                settings=wandb.Settings(silent=True, console="off"))
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(project=config.wandb_project, group=f"{ALGORITHM}-{config.env}", name=run_dir.name,
+                                    config=asdict(config), dir=str(run_dir), mode=config.wandb_mode, resume="allow",
+                                    id=run_dir.name, settings=wandb.Settings(silent=True, console="off"))
 
     def log(self, metrics: Dict[str, float], step: int, phase: str = "rl") -> None:
         metrics = {k: float(v) for k, v in metrics.items()}
         self.file.write(json.dumps({"step": step, "phase": phase, **metrics}) + "\n")
         self.file.flush()
-        if self.wandb is None:
-            return
-        axis = f"{phase}_step"
-        for key in metrics.keys() - self.axes:
-            self.wandb.define_metric(key, step_metric=axis)
-            self.axes.add(key)
-        self.wandb.log({**metrics, axis: step})
+        if self.wandb is not None:
+            for key in metrics.keys() - self.axes:
+                self.wandb.define_metric(key, step_metric=f"{phase}_step")
+            self.axes |= metrics.keys()
+            self.wandb.log({**metrics, f"{phase}_step": step})
 
     def close(self) -> None:
         self.file.close()
@@ -1611,74 +1543,50 @@ class RunLogger:
             self.wandb.finish()
 
 
-def config_path_argument(argv: List[str]) -> Optional[str]:
-    """The value of --config_path in either form tyro accepts (`--config_path F`, `--config_path=F`)."""
-    for i, arg in enumerate(argv):
-        if arg in ("--config_path", "--config-path"):
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                raise SystemExit("error: --config_path needs a value: a YAML file "
-                                 "(e.g. algorithms/configs/cnf/quick.yaml)")
-            return argv[i + 1]
-        if arg.startswith(("--config_path=", "--config-path=")):
-            return arg.split("=", 1)[1]
-    return None
-
-
 def load_yaml_config(config_class, path: str, flag: str):
-    """A pyrallis YAML as a config; unknown keys and malformed files are one error line each."""
+    """A pyrallis YAML as a config; a missing or malformed file, unknown keys and wrong types are one error line."""
     import pyrallis
     import yaml
 
     if not os.path.isfile(path):
         raise SystemExit(f"error: {flag} {path} does not exist")
     try:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        raise SystemExit(f"error: {flag} {path} is not valid YAML ({str(e).splitlines()[0]})") from None
-    fields = set(config_class.__dataclass_fields__)
-    if not isinstance(values, dict) or set(values) - fields:
-        unknown = sorted(set(values) - fields) if isinstance(values, dict) else values
-        raise SystemExit(f"error: {flag} {path}: unknown keys {unknown}; valid keys are the flags of --help")
-    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if unknown := (sorted(set(values) - set(config_class.__dataclass_fields__)) if isinstance(values, dict)
+                       else values):
+            raise SystemExit(f"error: {flag} {path}: unknown keys {unknown}; valid keys are the flags of --help")
         with open(path) as f:
             return pyrallis.load(config_class, f)
-    except Exception as e:  # pyrallis' own type errors (a string where a number belongs, ...)
-        raise SystemExit(f"error: {flag} {path}: {str(e).splitlines()[0]}") from None
+    except (yaml.YAMLError, pyrallis.ParsingError, ValueError, TypeError) as e:
+        kind = "is not valid YAML" if isinstance(e, yaml.YAMLError) else "has a wrong value"
+        raise SystemExit(f"error: {flag} {path} {kind} ({str(e).splitlines()[0]})") from None
+
+
+CHECKS = [  # check_config's rules, by a field's name: (the names, the test a value must pass, what is allowed)
+    (("train_steps",), lambda v: v >= 1, "at least 1 update"),
+    (("_steps", "_patience", "_workers"), lambda v: v >= 0, "0 or more"),
+    (("_every", "_episodes", "batch_size", "_layers", "_hidden", "hidden_dim", "cpu_threads"), lambda v: v >= 1,
+     "a whole number, at least 1"),
+    (("_fraction",), lambda v: 0.0 < v < 1.0, "a fraction strictly between 0 and 1"),
+    (("_lr",), lambda v: v > 0.0, "a positive learning rate"),
+    (("gamma", "tau"), lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
+]
 
 
 def check_config(config) -> None:
-    """Every setting, before any data is loaded: one `error:` line that names the setting and what
-    is allowed. Rules go by the field's name, so every algorithm file's fields are covered."""
-    def refuse(name: str, allowed: str) -> None:
-        raise SystemExit(f"error: --{name} {getattr(config, name)!r} is not allowed: {allowed}")
-
+    """Every setting, before any data is loaded: one `error:` line that names the setting and what is allowed."""
     for name, value in asdict(config).items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if name == "train_steps" and value < 1:
-            refuse(name, "at least 1 update")
-        elif name.endswith(("_steps", "_patience")) and value < 0:
-            refuse(name, "0 or more")
-        elif name.endswith(("_every", "_episodes", "batch_size", "_layers", "_hidden", "hidden_dim",
-                            "cpu_threads")) and value < 1:
-            refuse(name, "a whole number, at least 1")
-        elif name.endswith("_fraction") and not 0.0 < value < 1.0:
-            refuse(name, "a fraction strictly between 0 and 1")
-        elif name.endswith("_lr") and not value > 0.0:
-            refuse(name, "a positive learning rate")
-        elif name in ("gamma", "tau") and not 0.0 < value <= 1.0:
-            refuse(name, "a number in (0, 1]")
-    try:
-        device = torch.device(config.device)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        refuse("device", "cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
+        rule = next((r for r in CHECKS if name.endswith(r[0])), None) if type(value) in (int, float) else None
+        if rule is not None and not rule[1](value):
+            raise SystemExit(f"error: --{name} {value!r} is not allowed: {rule[2]}")
+    device = re.fullmatch(r"(cpu|mps|cuda)(:\d+)?", config.device)
+    for name, bad, allowed in (("device", device is None, "cpu, cuda, cuda:N or mps"),
+                               ("wandb_mode", config.wandb_mode not in ("online", "offline", "disabled"),
+                                "online, offline or disabled")):
+        if bad:
+            raise SystemExit(f"error: --{name} {getattr(config, name)!r} is not allowed: {allowed}")
+    if device[1] == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but CUDA is not available; pass --device cpu")
-    if config.wandb_mode not in ("online", "offline", "disabled"):
-        refuse("wandb_mode", "online, offline or disabled")
     for name in ("dataset_path", "flow_checkpoint", "vae_checkpoint"):
         if getattr(config, name, None) is not None and not os.path.isfile(getattr(config, name)):
             raise SystemExit(f"error: --{name} {getattr(config, name)} does not exist")
@@ -1686,63 +1594,40 @@ def check_config(config) -> None:
 
 
 def parse_config(config_class, argv: List[str]):
-    """tyro flags over an optional pyrallis YAML (--config_path): flags win over the file.
+    """tyro flags over an optional pyrallis YAML (--config_path F or --config_path=F): flags win over the file.
     A --resume run starts from its own config.yaml (flags may still change it)."""
     import tyro
 
-    default, path = config_class(), config_path_argument(argv)
-    if path is not None:
-        default = load_yaml_config(config_class, path, "--config_path")
+    default = config_class()
+    for i, arg in enumerate(argv):
+        if arg.split("=")[0] in ("--config_path", "--config-path"):
+            path = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "--")
+            if path.startswith("--"):
+                raise SystemExit("error: --config_path needs a value: a YAML file (algorithms/configs/*/*.yaml)")
+            default = load_yaml_config(config_class, path, "--config_path")
     config = tyro.cli(config_class, args=argv, default=default, use_underscores=True)
     if config.resume is not None:
-        saved = Path(config.resume) / "config.yaml"
-        if not saved.is_file():
+        if not (Path(config.resume) / "config.yaml").is_file():
             raise SystemExit(f"error: --resume {config.resume} is not a run directory (no config.yaml)")
-        config = tyro.cli(config_class, args=argv, default=load_yaml_config(config_class, str(saved), "--resume"),
-                          use_underscores=True)
+        saved = load_yaml_config(config_class, str(Path(config.resume) / "config.yaml"), "--resume")
+        config = tyro.cli(config_class, args=argv, default=saved, use_underscores=True)
     check_config(config)
     return config
 
 
-def make_run_dir(config, data_name: str) -> Path:
-    import pyrallis
-
-    if config.resume is not None:
-        run_dir = Path(config.resume)
-    else:
-        name = config.run_name or f"{ALGORITHM}-{data_name}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = Path(config.checkpoints_path) / name
-        run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".config.yaml.tmp"
-    with open(tmp, "w") as f:
-        pyrallis.dump(config, f)
-    os.replace(tmp, run_dir / "config.yaml")
-    return run_dir
-
-
-def write_json_atomic(path: Path, obj: dict) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-    return path
-
-
 def summarize(evaluations: List[Tuple[int, float]]) -> dict:
     scores = [score for _, score in evaluations]
-    return {
-        "final_normalized_score": scores[-1] if scores else None,
-        "best_normalized_score": max(scores) if scores else None,
-        "last10_mean_normalized_score": float(np.mean(scores[-10:])) if scores else None,
-        "evaluations": [{"step": step, "normalized_score": score} for step, score in evaluations],
-    }
+    return {"final_normalized_score": scores[-1] if scores else None,
+            "best_normalized_score": max(scores) if scores else None,
+            "last10_mean_normalized_score": float(np.mean(scores[-10:])) if scores else None,
+            "evaluations": [{"step": step, "normalized_score": score} for step, score in evaluations]}
 
 
 @dataclass
 class Run:
-    """One run directory while it trains: its config, data, checkpoint, logger and clocks.
-    `elapsed()` counts the wall time of every part of a resumed run; status.json says whether the
-    run is running, finished, interrupted or failed (a killed run stays 'running' with a dead pid)."""
+    """One run directory while it trains: config, data, checkpoint, logger, clocks (`elapsed()`: every part of a
+    resumed run), status.json (running, finished, interrupted or failed: a killed run stays 'running', dead pid),
+    evaluations (here, or in `eval_workers` processes) and polite stops (`steps`)."""
 
     config: object
     data: OfflineData
@@ -1752,14 +1637,19 @@ class Run:
     started: float
     phase: str = "start"
     step: int = 0
+    update_time: float = 0.0  # seconds spent in phase-2 updates, over every part of a resumed run
+    checkpoint_state: Optional[Callable[[], dict]] = None  # the phase's state now, for a checkpoint at a stop
+    pool: Optional[ProcessPoolExecutor] = None  # the evaluation workers
+    pending: Optional[list] = None  # evaluations in the workers: [(step, policy snapshot, future)]
     active = None  # the run in progress, for the Ctrl-C message
+    stop_signal = None  # SIGINT or SIGTERM once a polite stop was asked for
 
     def elapsed(self) -> float:
         return time.time() - self.started
 
     def set_status(self, state: str) -> None:
-        write_json_atomic(self.dir / "status.json", {"state": state, "pid": os.getpid(), "host": socket.gethostname(),
-                                                     "phase": self.phase, "step": self.step, "updated": time.time()})
+        save_atomic({"state": state, "pid": os.getpid(), "host": socket.gethostname(), "phase": self.phase,
+                     "step": self.step, "updated": time.time()}, self.dir / "status.json")
 
     def save_checkpoint(self, state: dict) -> None:
         """Atomic checkpoint.pt with the RNG state and the run's wall time so far."""
@@ -1767,36 +1657,130 @@ class Run:
                      "elapsed_s": self.elapsed()}, self.dir / "checkpoint.pt")
         self.set_status("running")
 
-    def note(self, message: str) -> None:
+    def resume_agent(self, agent, buffer: "ReplayBuffer", checkpoint: Optional[dict]) -> Tuple[int, list]:
+        """Phase 2 starts, from a phase-2 checkpoint if there is one; -> (last step done, evaluations)."""
+        self.phase, evaluations, start, self.normalizer = "rl", [], 0, (buffer.state_mean, buffer.state_std)
+        self.checkpoint_state = lambda: {"agent": agent.state_dict(), "evaluations": evaluations,
+                                         "update_time_s": self.update_time, "pending_evaluations": [
+                                             (step, torch.frombuffer(bytearray(snapshot), dtype=torch.uint8))
+                                             for step, snapshot, _ in self.pending or []]}
+        if checkpoint is not None and checkpoint["phase"] == "rl":
+            agent.load_state_dict(checkpoint["agent"])
+            self.update_time, start = checkpoint["update_time_s"], checkpoint["step"]
+            evaluations += [tuple(e) for e in checkpoint["evaluations"]]
+            for step, snapshot in checkpoint.get("pending_evaluations", []):
+                self.submit(step, snapshot.numpy().tobytes())
+            set_rng_state(checkpoint["rng"])
+        return start, evaluations
+
+    def steps(self, start: int, total: int, desc: str):
+        """start + 1 .. total with a progress bar (not a terminal: a line every 30 s). A polite stop (Ctrl-C,
+        SIGTERM) asked for during a step is taken before the next: a checkpoint of the phase's state now."""
         from tqdm import tqdm
 
-        tqdm.write(message)
+        terminal, last_line = sys.stderr.isatty(), time.time()
+        for step in tqdm(range(start + 1, total + 1), desc, total, initial=start, mininterval=5, disable=not terminal):
+            if Run.stop_signal is not None and self.checkpoint_state is not None:
+                self.save_checkpoint(self.checkpoint_state())  # of step - 1, the last one done
+                raise KeyboardInterrupt
+            if not terminal and time.time() - last_line >= 30:
+                print(f"{desc}: step {step - 1}/{total}", file=sys.stderr, flush=True)
+                last_line = time.time()
+            self.step = step
+            yield step
+        self.checkpoint_state = None
 
-    def evaluate(self, act: Callable[[torch.Tensor], torch.Tensor], buffer: "ReplayBuffer") -> float:
-        """Evaluation episodes, logged and printed on one line; returns the normalised score."""
-        config, data = self.config, self.data
-        returns = evaluate(data.make_eval_env, act, buffer.state_mean, buffer.state_std, config.eval_episodes,
-                           config.seed, config.device)
-        score = float(np.mean(data.normalize_score(returns)))
-        self.logger.log({"eval/normalized_score": score, "eval/return": float(returns.mean())}, step=self.step)
-        reference = f"  (dataset average {data.dataset_score:.1f})" if data.dataset_score is not None else ""
-        self.note(f"step {self.step}  normalized {score:.1f}{reference}")
-        return score
+    def timed(self, update: Callable[[], dict]) -> dict:
+        tick = time.perf_counter()
+        metrics = update()
+        self.update_time += time.perf_counter() - tick
+        return metrics
+
+    def checkpoint_agent(self, agent, evaluations: list) -> None:
+        """Every `checkpoint_every` steps (default: each evaluation) and at the end; with the pending evaluations."""
+        if self.step % (self.config.checkpoint_every or self.config.eval_every) == 0 or \
+                self.step == self.config.train_steps:
+            self.save_checkpoint(self.checkpoint_state())
+
+    def agent_results(self, evaluations: list) -> dict:
+        self.collect(evaluations, keep=0)
+        rate = self.config.train_steps / self.update_time if self.update_time > 0 else None
+        return {**summarize(evaluations), "updates_per_s": rate}
+
+    def note(self, message: str) -> None:
+        __import__("tqdm").tqdm.write(message)
+
+    def workers(self) -> int:
+        """--eval_workers; by default 1 with 4+ cores (with fewer, a worker would take the training's core)."""
+        workers = self.config.eval_workers
+        return workers if workers is not None else int((os.cpu_count() or 1) >= 4)
+
+    def evaluate(self, act: Callable[[torch.Tensor], torch.Tensor], buffer: "ReplayBuffer", evaluations: list) -> None:
+        """This step's evaluation: here (eval_workers 0), or by a worker process on a CPU copy of `act` while training
+        goes on (at most 2 per worker pending); each is logged at its step and appended to `evaluations` in order."""
+        config = self.config
+        if self.workers():
+            self.submit(self.step, policy_snapshot(act))
+            return self.collect(evaluations, keep=2 * self.workers())
+        if config.compile and torch.device(config.device).type == "cuda":  # acting captured like the update
+            act = torch.compile(act, mode="reduce-overhead")
+        self.record(self.step, evaluate(self.data.make_eval_env, act, buffer.state_mean, buffer.state_std,
+                                        config.eval_episodes, config.seed, config.device), evaluations)
+
+    def submit(self, step: int, snapshot: bytes) -> None:
+        if self.pool is None:
+            self.pool, self.pending = ProcessPoolExecutor(self.workers(), multiprocessing.get_context("spawn")), []
+        self.pending.append((step, snapshot, self.pool.submit(evaluate, self.data.make_eval_env, snapshot,
+                                                              *self.normalizer, self.config.eval_episodes,
+                                                              self.config.seed, "cpu")))
+
+    def collect(self, evaluations: list, keep: int) -> None:
+        """Record the finished evaluations in step order, waiting while more than `keep` are pending."""
+        while self.pending and (len(self.pending) > keep or self.pending[0][2].done()):
+            try:
+                returns = self.pending[0][2].result()
+            except BrokenProcessPool as e:
+                raise SystemExit(f"error: an evaluation worker died ({e}); the run stopped at step {self.step} with "
+                                 f"its last checkpoint kept: continue with python {sys.argv[0]} --resume "
+                                 f"{self.dir}") from None
+            self.record(self.pending.pop(0)[0], returns, evaluations)
+
+    def record(self, step: int, returns: np.ndarray, evaluations: list) -> None:
+        score, reference = float(np.mean(self.data.normalize_score(returns))), self.data.dataset_score
+        self.logger.log({"eval/normalized_score": score, "eval/return": float(returns.mean())}, step=step)
+        self.note(f"step {step}  normalized {score:.1f}" + (f"  (dataset average {reference:.1f})" if reference
+                                                               is not None else ""))
+        evaluations.append((step, score))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def start_run(config, data: OfflineData) -> Run:
-    """Check the evaluation env against the data, make (or reopen) the run directory and its
-    checkpoint, seed everything and open the logger."""
-    if config.cpu_threads:
-        torch.set_num_threads(config.cpu_threads)
+    """Check the evaluation env; make RUN_DIR (`<algo>-<data>-seed<s>-<time>`, one flat folder) or reopen --resume's,
+    with config.yaml, the run's exact config (pyrallis); load its checkpoint, seed, open the logger."""
+    import pyrallis
+
+    torch.set_num_threads(config.cpu_threads or torch.get_num_threads())
     probe = data.make_eval_env(1)
-    check_eval_env(probe, data)
+    dims = probe.single_observation_space.shape[0], probe.single_action_space.shape[0]
     probe.close()
-    run_dir = make_run_dir(config, data.name)
+    if dims != (data.observations.shape[1], data.actions.shape[1]):
+        raise SystemExit(f"error: the data has {data.observations.shape[1]}-dim observations and "
+                         f"{data.actions.shape[1]}-dim actions, the evaluation env {dims[0]} and {dims[1]}; "
+                         f"pass the matching --eval_env")
+    flat = re.sub(r"[^A-Za-z0-9._-]+", "_", data.name)  # a Minari id's slashes
+    run_dir = Path(config.resume or Path(config.checkpoints_path) / (
+        config.run_name or f"{ALGORITHM}-{flat}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".config.yaml.tmp", "w") as f:
+        pyrallis.dump(config, f)
+    os.replace(run_dir / ".config.yaml.tmp", run_dir / "config.yaml")
     checkpoint = torch_load(run_dir / "checkpoint.pt") if (run_dir / "checkpoint.pt").exists() else None
     set_seed(config.seed)
-    logger = RunLogger(config, run_dir, checkpoint)
-    run = Run(config, data, run_dir, checkpoint, logger, time.time() - (checkpoint or {}).get("elapsed_s", 0.0))
+    run = Run(config, data, run_dir, checkpoint, RunLogger(config, run_dir, checkpoint),
+              time.time() - (checkpoint or {}).get("elapsed_s", 0.0))
     run.set_status("running")
     Run.active = run
     return run
@@ -1805,41 +1789,51 @@ def start_run(config, data: OfflineData) -> Run:
 def finish_run(run: Run, results: dict) -> Path:
     """results.json (scores, the dataset's own average, wall time of all parts), status 'finished'."""
     run.logger.close()
-    config, summary = run.config, results.get("last10_mean_normalized_score")
-    results = {"algorithm": ALGORITHM, "dataset": run.data.name, "seed": config.seed, "train_steps": config.train_steps,
-               **results, "score": run.data.score, "dataset_normalized_score": run.data.dataset_score,
+    run.close()
+    config, data, summary = run.config, run.data, results.get("last10_mean_normalized_score")
+    results = {"algorithm": ALGORITHM, "dataset": data.name, "seed": config.seed, "train_steps": config.train_steps,
+               **results, "score": data.score, "dataset_normalized_score": data.dataset_score,
                "wall_time_s": run.elapsed()}
-    path = write_json_atomic(run.dir / "results.json", results)
-    run.phase = "done"
+    path = save_atomic(results, run.dir / "results.json")
+    run.phase, Run.active = "done", None
     run.set_status("finished")
-    Run.active = None
-    reference = f" (dataset average {run.data.dataset_score:.1f})" if run.data.dataset_score is not None else ""
     if summary is not None:
-        print(f"{ALGORITHM} on {run.data.name}: last-10 mean normalized {summary:.1f}, final "
+        reference = f" (dataset average {data.dataset_score:.1f})" if data.dataset_score is not None else ""
+        print(f"{ALGORITHM} on {data.name}: last-10 mean normalized {summary:.1f}, final "
               f"{results['final_normalized_score']:.1f}{reference}, {results['wall_time_s']:.0f} s")
     return path
 
 
+def polite_stop(signum: int, frame) -> None:
+    """Ctrl-C, SIGTERM (Slurm, `docker stop`): stop after this step (`Run.steps`); where the phase cannot checkpoint
+    any step, or at a second signal, stop now (the last checkpoint stays)."""
+    run, first = Run.active, Run.stop_signal is None
+    Run.stop_signal = Run.stop_signal or signum
+    if not first or run is None or run.checkpoint_state is None:
+        raise KeyboardInterrupt
+
+
 def main(train: Callable, config_class) -> None:
-    """The command line: parse, train, print the results path. Ctrl-C stops at a safe point: the
-    last checkpoint stays, and the message gives the exact command that continues the run."""
+    """The command line: parse, train, print the results path. Ctrl-C and SIGTERM stop politely: a checkpoint,
+    status 'interrupted', the exact command that continues the run, exit status 130 (SIGINT) or 143 (SIGTERM)."""
     config = parse_config(config_class, sys.argv[1:])
+    signal.signal(signal.SIGTERM, polite_stop)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored
+        signal.signal(signal.SIGINT, polite_stop)
     try:
         path = train(config)
-    except KeyboardInterrupt:
-        run = Run.active
-        if run is None:
-            raise SystemExit("interrupted before the run directory existed; nothing to resume") from None
-        run.set_status("interrupted")
-        print(f"\ninterrupted in {run.phase} at step {run.step}; continue with: "
-              f"python {sys.argv[0]} --resume {run.dir}", file=sys.stderr)
-        raise SystemExit(130) from None
-    except BaseException:
-        if Run.active is not None:
-            Run.active.set_status("failed")
-        raise
+    except BaseException as e:
+        run, stopped = Run.active, isinstance(e, KeyboardInterrupt)
+        if run is not None:
+            run.close()
+            run.set_status("interrupted" if stopped else "failed")
+        if not stopped:
+            raise
+        print(f"\ninterrupted in {run.phase} at step {run.step}; continue with: python {sys.argv[0]} --resume "
+              f"{run.dir}" if run else "interrupted before the run directory existed; nothing to resume",
+              file=sys.stderr)
+        raise SystemExit(128 + (Run.stop_signal or signal.SIGINT)) from None
     print(f"results: {path}")
-# ---- [end block: utilities] ------------------------------------------------------------------------
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ maze2d), keeps the flow with the best validation log-likelihood, and trains ever
         --flow_checkpoint flows/hopper-medium-replay-v2.pt --seed 0
     python algorithms/cnf_flow_search.py --resume runs/flow_search-...   # continue (or extend with --trials N)
 
-Each trial is one call of cnf.py's own `pretrain_flow(config, buffer, run, checkpoint)`, on one
+Each trial is one call of cnf.py's own `pretrain_flow(config, buffer, run)`, on one
 replay buffer built by cnf.py's `load_offline_data`, with a `Run` of cnf.py's for the trial's
 directory: a trial is exactly cnf.py's phase 1 with that trial's `flow_lr`, `flow_weight_decay` and
 `flow_batch_size`, and it writes what cnf.py's phase 1 writes (metrics.jsonl, checkpoint.pt,
@@ -240,7 +240,7 @@ def search(config: SearchConfig) -> Path:
         started = time.time()
         run = script.Run(trial_config, data, trial_dir, checkpoint, logger, started)
         script.set_seed(trial.seed)
-        script.pretrain_flow(trial_config, buffer, run, checkpoint)  # writes trial_dir/flow.pt
+        script.pretrain_flow(trial_config, buffer, run)  # resumes from run.checkpoint; writes trial_dir/flow.pt
         logger.close()
         run.phase = "done"
         run.set_status("finished")

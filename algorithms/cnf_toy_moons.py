@@ -111,7 +111,7 @@ class ToyConfig:
 
 
 # %% The flows: cnf.py's layers with an empty condition, and a Normal or a Uniform latent
-# ---- [block: mlp | copied from cnf.py] -------------------------------------------------------------
+# Copied from cnf.py: mlp
 def mlp(in_dim: int, out_dim: int, hidden: int, n_layers: int, activation=nn.ReLU) -> nn.Sequential:
     """n_layers linear layers with `activation` between them."""
     dims = [in_dim] + [hidden] * (n_layers - 1) + [out_dim]
@@ -121,13 +121,13 @@ def mlp(in_dim: int, out_dim: int, hidden: int, n_layers: int, activation=nn.ReL
         if i < n_layers - 1:
             layers.append(activation())
     return nn.Sequential(*layers)
-# ---- [end block: mlp] ------------------------------------------------------------------------------
 
 
-# ---- [block: flow layers | copied from cnf.py] -----------------------------------------------------
+# Copied from cnf.py: ACTION_EPS
 ACTION_EPS = 1e-5  # actions and latents are clamped to [-1 + eps, 1 - eps] (official code)
 
 
+# Copied from cnf.py: ActNorm
 class ActNorm(nn.Module):
     """y = exp(log_scale) * x + shift, initialised from a batch so that y has zero mean, unit variance."""
 
@@ -149,6 +149,7 @@ class ActNorm(nn.Module):
         return (y - self.shift) * torch.exp(-self.log_scale)
 
 
+# Copied from cnf.py: InvertibleLinear
 class InvertibleLinear(nn.Module):
     """y = W x with W = P L (U + diag(sign * exp(log_s))) (Glow's LU form): always invertible,
     log|det W| = sum(log_s). Initialised from a random orthogonal matrix (QR), as the official code."""
@@ -178,6 +179,7 @@ class InvertibleLinear(nn.Module):
         return F.linear(y, torch.linalg.inv(self.weight()))
 
 
+# Copied from cnf.py: AffineCoupling
 class AffineCoupling(nn.Module):
     """Keep floor(n/2) dimensions (first or last, alternating with `keep_first`); transform the
     other ceil(n/2) as y = x * exp(log_scale) + shift, where (log_scale, shift) come from an MLP of
@@ -219,6 +221,7 @@ class AffineCoupling(nn.Module):
         return self.join(kept, (transformed - shift) * torch.exp(-log_scale))
 
 
+# Copied from cnf.py: FlowBlock
 class FlowBlock(nn.Module):
     """One of the K blocks, data -> latent: ActNorm -> invertible linear -> affine coupling."""
 
@@ -238,14 +241,12 @@ class FlowBlock(nn.Module):
 
     def decode(self, y: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.actnorm.decode(self.linear.decode(self.coupling.decode(y, cond), cond), cond)
-# ---- [end block: flow layers] ----------------------------------------------------------------------
 
 
-# ---- [block: tanh log derivative | copied from cnf.py] ----
+# Copied from cnf.py: tanh_log_derivative
 def tanh_log_derivative(h: torch.Tensor) -> torch.Tensor:
     """log(1 - tanh(h)^2), computed without cancellation near |h| large."""
     return 2.0 * (math.log(2.0) - h - F.softplus(-2.0 * h))
-# ---- [end block: tanh log derivative] ----
 
 
 class ToyFlow(nn.Module):

@@ -2,7 +2,10 @@
 
 Companion tool to Akimov et al., "Let Offline RL Flow: Training Conservative Agents in the Latent Space
 of Normalizing Flows" (arXiv 2211.11096). Expands --algorithms x --datasets x --seeds into runs named
-`<algorithm>-<dataset>-seed<seed>` under one --checkpoints_path, and for each run:
+`<algorithm>-<dataset>-seed<seed>` under one --checkpoints_path. CNF's seeds of one dataset are one job,
+`cnf.py --seeds 0 1 2` (one process, one pre-trained flow shared by the seeds, their agents in one batched
+update; one run directory per seed all the same; `--separate_seeds` makes them separate jobs). For each run
+(or CNF seed group):
 
 - results.json exists: skipped (finished);
 - the run is alive (report.py's rule: status.json's pid on this host, else a write in the last 30 min):
@@ -58,7 +61,8 @@ import report
 ALGORITHMS_DIR = Path(__file__).resolve().parent
 CONFIGS_DIR = ALGORITHMS_DIR / "configs"
 TABLE1_ALGORITHMS = [c.lower() for c in report.PAPER_COLUMNS if (ALGORITHMS_DIR / f"{c.lower()}.py").is_file()]
-SWEEP_FLAGS = ("--seed", "--run_name", "--checkpoints_path", "--resume")  # set per run by the sweep
+SWEEP_FLAGS = ("--seed", "--seeds", "--run_name", "--checkpoints_path", "--resume")  # set per run by the sweep
+SEEDS_IN_ONE_PROCESS = ("cnf",)  # scripts whose --seeds trains several seeds in one process
 LOCAL_TIMEOUT_MIN = 60 * 24 * 30  # submitit's local jobs need a time limit; no run should meet this one
 
 
@@ -71,6 +75,18 @@ class RunSpec:
     run_dir: Path  # absolute
     data_args: tuple[str, ...]  # --config_path / --env / --dataset_path, absolute paths
     extra_args: tuple[str, ...] = ()  # the flags after `--`
+    group: tuple[int, ...] = ()  # a seed group (`--seeds`, one process): all its seeds; `seed` is the first
+
+    @property
+    def run_dirs(self) -> list[Path]:
+        """Every run directory the job writes: one, or one per seed of a group."""
+        group = [self.run_dir.with_name(f"{self.algorithm}-{self.dataset}-seed{s}") for s in self.group]
+        return group or [self.run_dir]
+
+    @property
+    def name(self) -> str:
+        seeds = ",".join(map(str, self.group))
+        return f"{self.algorithm}-{self.dataset}-seed{seeds}" if self.group else self.run_dir.name
 
 
 def dataset_arguments(algorithm: str, dataset: str, preset: str | None = None,
@@ -95,31 +111,40 @@ def dataset_arguments(algorithm: str, dataset: str, preset: str | None = None,
 
 def expand_runs(algorithms: list[str], datasets: list[str], seeds: list[int], checkpoints_path: str,
                 preset: str | None = None, extra_args: tuple[str, ...] = (),
-                configs_dir: Path = CONFIGS_DIR) -> list[RunSpec]:
-    """algorithms x datasets x seeds, dataset-major; `table1` among the datasets stands for Table 1's twelve."""
+                configs_dir: Path = CONFIGS_DIR, separate_seeds: bool = False) -> list[RunSpec]:
+    """algorithms x datasets x seeds, dataset-major; `table1` among the datasets stands for Table 1's twelve.
+    A script that trains several seeds in one process gets one RunSpec per dataset (a seed group)."""
     names = [d for entry in datasets for d in (report.PAPER_TABLE1 if entry == "table1" else [entry])]
     root = Path(checkpoints_path).resolve()
     runs = []
     for dataset in dict.fromkeys(names):  # in order, once each
         for algorithm in algorithms:
             name, data_args = dataset_arguments(algorithm, dataset, preset, configs_dir)
+            if algorithm in SEEDS_IN_ONE_PROCESS and len(seeds) > 1 and not separate_seeds:
+                runs.append(RunSpec(algorithm, name, seeds[0], root / f"{algorithm}-{name}-seed{seeds[0]}",
+                                    tuple(data_args), tuple(extra_args), group=tuple(seeds)))
+                continue
             runs += [RunSpec(algorithm, name, seed, root / f"{algorithm}-{name}-seed{seed}", tuple(data_args),
                              tuple(extra_args)) for seed in seeds]
     return runs
 
 
 def run_action(run: RunSpec) -> tuple[str, str]:
-    """What the sweep does with a run now: ("skip" | "resume" | "start", why)."""
+    """What the sweep does with a run (or a seed group: all its directories) now: ("skip" | "resume" | "start",
+    why)."""
     if not run.run_dir.is_dir():
         return "start", "new"
-    try:
-        state, why = report.run_state(run.run_dir)
-    except report.UnreadableRun as error:  # e.g. a status.json cut by a crash: the run is not alive
-        state, why = "died", str(error)
-    if state == "finished":
+    states = []
+    for run_dir in run.run_dirs:
+        try:
+            states.append(report.run_state(run_dir) if run_dir.is_dir() else ("new", ""))
+        except report.UnreadableRun as error:  # e.g. a status.json cut by a crash: the run is not alive
+            states.append(("died", str(error)))
+    if all(state == "finished" for state, _ in states):
         return "skip", "finished"
-    if state == "running":
-        return "skip", f"running ({why})"
+    if any(state == "running" for state, _ in states):
+        return "skip", f"running ({next(why for state, why in states if state == 'running')})"
+    state, why = next((state, why) for state, why in states if state != "finished")
     if (run.run_dir / "config.yaml").is_file():
         return "resume", f"{state}: {why}" if why else state
     return "start", f"{state}, no config.yaml yet"
@@ -129,10 +154,13 @@ def run_command(run: RunSpec, python: str = sys.executable) -> list[str] | None:
     """The command that moves `run` on, decided from its directory now: None when it is finished,
     `--resume RUN_DIR` when it has a config.yaml, else a fresh start under its deterministic name."""
     script = [*shlex.split(python), str(ALGORITHMS_DIR / f"{run.algorithm}.py")]
-    if (run.run_dir / "results.json").is_file():
+    if all((run_dir / "results.json").is_file() for run_dir in run.run_dirs):
         return None
-    if (run.run_dir / "config.yaml").is_file():
+    if (run.run_dir / "config.yaml").is_file():  # a group resumes all its seeds from any one directory
         return [*script, "--resume", str(run.run_dir), *run.extra_args]
+    if run.group:
+        return [*script, *run.data_args, "--seeds", *map(str, run.group), "--checkpoints_path",
+                str(run.run_dir.parent), "--run_name", f"{run.algorithm}-{run.dataset}", *run.extra_args]
     return [*script, *run.data_args, "--seed", str(run.seed), "--checkpoints_path", str(run.run_dir.parent),
             "--run_name", run.run_dir.name, *run.extra_args]
 
@@ -215,7 +243,7 @@ def outcome(job: RunJob, handle) -> str | None:
     except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as error:
         parts = str(error).split("-" * 22)  # FailedJobError: "... ---- <the job's traceback> ---- ..."
         last = (parts[1] if len(parts) > 2 else str(error)).strip().splitlines()[-1]
-        return f"{job.run.run_dir.name}: {last.removeprefix('RuntimeError: ')} (log: {handle.paths.stderr})"
+        return f"{job.run.name}: {last.removeprefix('RuntimeError: ')} (log: {handle.paths.stderr})"
 
 
 def launch(jobs: list[RunJob], executor, workers: int | None, poll_s: float = 0.5) -> list[str]:
@@ -231,12 +259,12 @@ def launch(jobs: list[RunJob], executor, workers: int | None, poll_s: float = 0.
             while pending and len(handles) < workers:
                 job = pending.pop(0)
                 handles.append((job, executor.submit(job)))
-                print(f"started  {job.run.run_dir.name}", flush=True)
+                print(f"started  {job.run.name}", flush=True)
             time.sleep(poll_s)
             for job, handle in [item for item in handles if item[1].done()]:
                 handles.remove((job, handle))
                 failure = outcome(job, handle)
-                print(f"failed   {failure}" if failure else f"finished {job.run.run_dir.name}", flush=True)
+                print(f"failed   {failure}" if failure else f"finished {job.run.name}", flush=True)
                 failures += [failure] if failure else []
     except KeyboardInterrupt:
         for _, handle in handles:
@@ -256,6 +284,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     grid.add_argument("--datasets", nargs="+", default=["table1"],
                       help="`table1` (Table 1's 12 datasets), --env names, or .hdf5 files (default: table1)")
     grid.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="(default: 0 1 2)")
+    grid.add_argument("--separate_seeds", action="store_true",
+                      help=f"one job per seed for {', '.join(SEEDS_IN_ONE_PROCESS)} too (default: its seeds of one "
+                           f"dataset are one `--seeds` job, one process over one flow)")
     grid.add_argument("--preset", help="algorithms/configs/<algorithm>/PRESET.yaml (or a YAML file) for every run, "
                                        "instead of the per-dataset YAMLs")
     grid.add_argument("--checkpoints_path", default="runs/sweep", help="where the run directories go")
@@ -304,14 +335,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> Path | None:
     """Plan, launch, report; returns report.md's path (None: nothing reported yet, e.g. Slurm without --wait)."""
     args, extra = parse_args(sys.argv[1:] if argv is None else list(argv))
-    runs = expand_runs(args.algorithms, args.datasets, args.seeds, args.checkpoints_path, args.preset, extra)
+    runs = expand_runs(args.algorithms, args.datasets, args.seeds, args.checkpoints_path, args.preset, extra,
+                       separate_seeds=args.separate_seeds)
     todo = []
     for run in runs:
         action, why = run_action(run)
-        print(f"{action:<8} {run.run_dir.name}  ({why})")
+        print(f"{action:<8} {run.name}  ({why})")
         if action != "skip":
             todo.append(run)
-    print(f"{len(runs)} runs: {len(todo)} to run, {len(runs) - len(todo)} skipped", flush=True)
+    print(f"{len(runs)} jobs: {len(todo)} to run, {len(runs) - len(todo)} skipped", flush=True)
     if args.dry_run:
         for run in todo:
             print(f"$ {shlex.join(run_command(run, args.python))}")

@@ -37,19 +37,20 @@ from tqdm import tqdm
 DEFAULT_BASE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
 REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
 CHUNK_BYTES = 1 << 20
-# ---- [block: d4rl names | copied from cnf.py] ----
+# Copied from cnf.py: D4RL_LOCOMOTION
 D4RL_LOCOMOTION = re.compile(r"^(halfcheetah|hopper|walker2d)-"
                              r"(random|medium|medium-replay|medium-expert|expert|full-replay)-v2$")
+# Copied from cnf.py: D4RL_MAZE2D
 D4RL_MAZE2D = re.compile(r"^maze2d-(umaze|medium|large)-v1$")
 
 
+# Copied from cnf.py: d4rl_filename
 def d4rl_filename(name: str) -> str:
     """The file name d4rl caches a dataset under (the basename of its URL)."""
     if D4RL_MAZE2D.match(name):
         return name.replace("-v1", "-sparse-v1") + ".hdf5"
     env, level = name[: -len("-v2")].split("-", 1)
     return f"{env}_{level.replace('-', '_')}-v2.hdf5"
-# ---- [end block: d4rl names] ----
 # name -> path under the base URL, as in d4rl's infos.py.
 DATASETS = {
     name: ("gym_mujoco_v2/" if D4RL_LOCOMOTION.match(name) else "maze2d/") + d4rl_filename(name)

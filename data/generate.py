@@ -35,13 +35,13 @@ GENERATOR_VERSION = "1"
 POLICY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "policies")
 LEVELS = ("random", "medium", "medium-replay", "expert", "medium-expert")
 MAX_EPISODE_STEPS = 1000  # Gymnasium's time limit for HalfCheetah, Hopper and Walker2d v5
-# ---- [block: d4rl scores | copied from cnf.py] ----
+# Copied from cnf.py: D4RL_REF_SCORES
 D4RL_REF_SCORES = {  # D4RL's (random, expert) returns: normalised score = 100 (R - min) / (max - min)
     "halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3),
     "maze2d-umaze": (23.85, 161.86), "maze2d-medium": (13.13, 277.39), "maze2d-large": (6.7, 273.99),
 }
+# Copied from cnf.py: GYMNASIUM_IDS
 GYMNASIUM_IDS = {"halfcheetah": "HalfCheetah", "hopper": "Hopper", "walker2d": "Walker2d"}
-# ---- [end block: d4rl scores] ----
 # D4RL's reference returns (min = random policy, max = expert), used for normalised scores.
 REFERENCE_SCORES = {f"{name}-v5": D4RL_REF_SCORES[key] for key, name in GYMNASIUM_IDS.items()}
 

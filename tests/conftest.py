@@ -127,13 +127,17 @@ def script_critic(agent, score):
     agent.critic.forward = lambda s, a: score(a).expand(2, -1, -1).clone().requires_grad_()
 
 
+def frozen(flow):
+    """Phase 2's frozen flow: `FrozenFlow(flow)` of the flow's own script."""
+    return sys.modules[type(flow).__module__].FrozenFlow(flow)
+
+
 def assert_frozen_decode_matches_unfrozen(flow, latents, states):
-    """freeze()'s fast decoder gives the unfrozen decode and its gradient to the latents, and none to the flow."""
+    """FrozenFlow's fast decoder gives the unfrozen decode and its gradient to the latents, and none to the flow."""
     latents.requires_grad_(True)
     before = flow.decode(latents, states)
     (grad_before,) = torch.autograd.grad(before.sum(), latents)
-    flow.freeze()
-    actions = flow.decode(latents, states)
+    actions = frozen(flow).decode(latents, states)
     actions.sum().backward()
     assert torch.allclose(actions, before.detach(), atol=1e-5)
     assert torch.allclose(latents.grad, grad_before, atol=1e-4)

@@ -51,7 +51,7 @@ def test_amp_decode_of_a_trained_flow_stays_close_to_float32():
         trainer.train(actions[idx], states[idx])
     amp_flow = cnf.ConditionalFlow(2, 3, config.flow_layers, config.flow_hidden, amp=True)
     amp_flow.load_state_dict(flow.state_dict())
-    flow.freeze(), amp_flow.freeze()
+    flow, amp_flow = cnf.FrozenFlow(flow), cnf.FrozenFlow(amp_flow)
     latents = torch.rand(2000, 2, generator=torch.Generator().manual_seed(2)) * 1.8 - 0.9
     with torch.no_grad():
         exact, approx = flow.decode(latents, states[:2000]), amp_flow.decode(latents, states[:2000])

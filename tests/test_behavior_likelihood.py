@@ -27,7 +27,7 @@ def toy_flow():
     for _ in range(300):
         idx = torch.randint(0, 4000, (256,))
         trainer.train(actions[idx], states[idx])
-    return flow.freeze(), actions, states
+    return cnf.FrozenFlow(flow), actions, states
 
 
 def replay(actions, chunk):

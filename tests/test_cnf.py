@@ -28,7 +28,7 @@ def random_flow(action_dim, **kwargs):
 def test_decode_inverts_encode(n, frozen, dtype, atol):
     flow = random_flow(n, dtype=dtype)
     if frozen:
-        flow.freeze()
+        flow = cnf.FrozenFlow(flow)
     actions = torch.rand(4096, n, dtype=dtype) * 1.98 - 0.99
     states = torch.randn(4096, 4, dtype=dtype)
     latents, _ = flow.encode(actions, states)
@@ -60,7 +60,7 @@ def test_density_integrates_to_one_2d():
 
 @pytest.mark.parametrize("n", [1, 3, 6])
 def test_every_latent_in_the_box_decodes_inside_the_action_box(n):
-    flow = random_flow(n, dtype=torch.float32).freeze()
+    flow = cnf.FrozenFlow(random_flow(n, dtype=torch.float32))
     corners = torch.tensor(np.array(np.meshgrid(*[[-1.0, 1.0]] * n)).reshape(n, -1).T, dtype=torch.float32)
     latents = torch.cat([torch.rand(4096, n) * 2 - 1, corners])
     actions = flow.decode(latents, torch.randn(len(latents), 4) * 3)
@@ -112,7 +112,7 @@ def test_pretraining_keeps_the_best_validation_flow(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cnf.FlowPretrainer, "validation_nll", scripted_validation)
     run = cnf.Run(tiny_config(), data, tmp_path, None, _Logger(), time.time())
-    flow = cnf.pretrain_flow(tiny_config(), buffer, run, None)
+    flow = cnf.pretrain_flow(tiny_config(), buffer, run)
     kept = flow.state_dict()
     assert [(row["phase"], row["step"]) for row in run.logger.rows] == [("flow", 50), ("flow", 100), ("flow", 150),
                                                                         ("flow", 200)]
@@ -153,6 +153,155 @@ def test_policy_moves_toward_high_advantage_actions():
         agent.train(batch)
     after = (agent.act(states) - target).abs().mean()
     assert after < 0.5 * before
+
+
+# ---- one phase-2 update recomputed by hand (Eqs. 6-8 and the Polyak step) ----------------------------
+TOL = dict(rtol=1e-5, atol=1e-5)
+DONES = {"none": [0.0] * 16, "mixed": [0.0, 1.0, 1.0, 0.0] * 4}
+
+
+def phase2_agent(**overrides):
+    """A tiny CNF agent (2-dim actions, 3-dim states, a random 2-block flow) whose target critics differ from
+    its critics, and a batch of 16 transitions with rewards of both signs."""
+    flow = conftest.random_flow(cnf.ConditionalFlow, 2, state_dim=3, n_blocks=2, hidden=8, dtype=torch.float32)
+    torch.manual_seed(1)
+    fields = dict(hidden_dim=16, n_layers=3, critic_lr=1e-2, actor_lr=1e-2, gamma=0.9, tau=0.25,
+                  awac_lambda=0.02, exp_adv_max=2.0)
+    agent = cnf.CNF(flow, 3, 2, tiny_config(**{**fields, **overrides}))
+    with torch.no_grad():  # y must come from the target critics, not the critics
+        for p in agent.target_critic.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(2)
+    states, actions = torch.randn(16, 3, generator=g), torch.rand(16, 2, generator=g) * 1.8 - 0.9
+    rewards, next_states = torch.randn(16, 1, generator=g), torch.randn(16, 3, generator=g)
+    return agent, (states, actions, rewards, next_states, torch.zeros(16, 1))
+
+
+def update_by_hand(actor, critic, target_critic, flow, config, batch, seed):
+    """One step of Algorithm 2 on copies of the networks, written out from the paper's equations. CNF.train
+    draws z' ~ pi(. | s') (for the target) and then z ~ pi(. | s) (for the policy), one randn each."""
+    states, actions, rewards, next_states, dones = batch
+    torch.manual_seed(seed)
+    noise_next, noise = torch.randn(actions.shape), torch.randn(actions.shape)
+
+    def sample(s, eps):  # tanh-Gaussian latent, reparameterised
+        mean, log_std = actor.mean_log_std(s)
+        return torch.tanh(mean + log_std.exp() * eps)
+
+    # Eq. 6: y = r + gamma (1 - d) min(Q1', Q2')(s', f^-1(z' | s')); loss = MSE(Q1, y) + MSE(Q2, y)
+    with torch.no_grad():
+        target_1, target_2 = target_critic(next_states, flow.decode(sample(next_states, noise_next), next_states))
+        y = rewards + config.gamma * (1.0 - dones) * torch.minimum(target_1, target_2)
+    q1, q2 = critic(states, actions)
+    critic_loss = torch.nn.functional.mse_loss(q1, y) + torch.nn.functional.mse_loss(q2, y)
+    q_mean = (q1.mean() + q2.mean()) / 2
+    optimizer = torch.optim.Adam(critic.parameters(), lr=config.critic_lr)
+    optimizer.zero_grad()
+    critic_loss.backward()
+    optimizer.step()
+    # Eq. 7: w = min(exp((Q(s, a) - Q(s, f^-1(z | s))) / lambda), exp_adv_max), Q = min of the UPDATED critics
+    policy_actions = flow.decode(sample(states, noise), states)
+    with torch.no_grad():
+        advantage = torch.minimum(*critic(states, actions)) - torch.minimum(*critic(states, policy_actions))
+        raw = torch.exp(advantage / config.awac_lambda)
+        weights = raw.clamp(max=config.exp_adv_max)
+    # Eq. 8: the weighted L1 distance between the data's actions and the decoded policy actions
+    actor_loss = (weights * (actions - policy_actions).abs()).mean()
+    optimizer = torch.optim.Adam(actor.parameters(), lr=config.actor_lr)
+    optimizer.zero_grad()
+    actor_loss.backward()
+    optimizer.step()
+    # Polyak: target <- (1 - tau) target + tau critic
+    with torch.no_grad():
+        polyak = [(1 - config.tau) * t + config.tau * c
+                  for t, c in zip(target_critic.parameters(), critic.parameters(), strict=True)]
+    metrics = {"critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach(), "q_mean": q_mean.detach(),
+               "adv_weight_mean": weights.mean()}
+    return metrics, advantage, raw, polyak
+
+
+def train_and_recompute(agent, batch, seed=5):
+    copies = [copy.deepcopy(m) for m in (agent.actor, agent.critic, agent.target_critic)]
+    old_target = [p.detach().clone() for p in agent.target_critic.parameters()]
+    torch.manual_seed(seed)
+    out = agent.train(batch)
+    expected, advantage, raw, polyak = update_by_hand(*copies, agent.flow, agent.config, batch, seed)
+    return out, expected, advantage, raw, polyak, copies, old_target
+
+
+@pytest.mark.parametrize("dones", sorted(DONES))
+def test_one_update_matches_the_equations_by_hand(dones):
+    """CNF.train against Eqs. 6-8 written out: its losses, Q mean and mean weight, the critics and policy after
+    one Adam step each, and the target critics after the Polyak step, with non-terminal (gamma (1 - d) Q'
+    counts) and mixed transitions, and an advantage clamp that binds for some samples only."""
+    agent, batch = phase2_agent()
+    batch = (*batch[:4], torch.tensor(DONES[dones]).unsqueeze(-1))
+    out, expected, _, raw, polyak, (actor, critic, _), old_target = train_and_recompute(agent, batch)
+    clamped = raw > agent.config.exp_adv_max
+    assert clamped.any() and not clamped.all(), raw.flatten()  # the clamp binds for some samples, not all
+    assert set(out) >= set(expected)
+    for key in expected:
+        torch.testing.assert_close(out[key], expected[key], **TOL, msg=key)
+    for mine, theirs in [(critic, agent.critic), (actor, agent.actor)]:
+        for p, q in zip(mine.parameters(), theirs.parameters(), strict=True):
+            torch.testing.assert_close(q, p, **TOL)
+    tau = agent.config.tau  # the target step exactly, from the agent's own updated critics
+    for t, old, c, hand in zip(agent.target_critic.parameters(), old_target, agent.critic.parameters(), polyak,
+                               strict=True):
+        torch.testing.assert_close(t, (1 - tau) * old + tau * c, rtol=0, atol=1e-6)
+        torch.testing.assert_close(t, hand, **TOL)
+        assert not torch.allclose(t, old, rtol=0, atol=1e-4) and not torch.allclose(t, c, rtol=0, atol=1e-4)
+
+
+def test_awac_lambda_sets_how_sharply_the_advantage_weights_select():
+    """exp(A / lambda): a large lambda gives every sample weight 1 (behaviour cloning); a small one gives
+    exp_adv_max to the samples with A > 0 and ~0 to the rest; in between, exactly exp(A / lambda)."""
+    means = {}
+    for awac_lambda, exp_adv_max in [(1e6, 100.0), (0.5, 100.0), (0.05, 100.0), (1e-6, 3.0)]:
+        agent, batch = phase2_agent(awac_lambda=awac_lambda, exp_adv_max=exp_adv_max)
+        out, expected, advantage, raw, *_ = train_and_recompute(agent, batch)
+        torch.testing.assert_close(out["adv_weight_mean"], expected["adv_weight_mean"], **TOL)
+        torch.testing.assert_close(out["actor_loss"], expected["actor_loss"], **TOL)
+        means[awac_lambda] = out["adv_weight_mean"].item()
+        if awac_lambda == 0.05:
+            assert (raw < exp_adv_max).all()  # no clamp: exp(A / lambda) itself
+    assert means[1e6] == pytest.approx(1.0, abs=1e-5)
+    assert means[1e-6] == pytest.approx(3.0 * (advantage > 0).float().mean().item(), abs=1e-5)
+    assert 0 < (advantage > 0).float().mean() < 1
+    assert abs(means[0.5] - means[0.05]) > 0.05  # lambda changes the weights far beyond the tolerance
+
+
+def test_latent_policy_samples_stay_in_the_box_and_acts_with_tanh_of_its_mean():
+    torch.manual_seed(0)
+    policy = cnf.LatentPolicy(4, 3, 32, 3)
+    states = torch.randn(4096, 4) * 2
+    with torch.no_grad():
+        samples = policy(states)
+        mean, log_std = policy.mean_log_std(states)
+        torch.testing.assert_close(policy.deterministic(states), torch.tanh(mean), rtol=0, atol=0)
+    assert samples.shape == (4096, 3) and (samples.abs() < 1).all()
+    assert (samples.abs() > 0.9).any()  # a Gaussian without the tanh would leave the box here
+    assert not torch.allclose(samples, torch.tanh(mean), atol=1e-2)  # a sample, not the mean
+
+
+def test_latent_policy_clamps_its_log_std_to_minus_20_and_2():
+    """Raw log-std outputs of 50, -50 and 0.5: the policy uses 2, -20 and 0.5."""
+    torch.manual_seed(0)
+    policy = cnf.LatentPolicy(4, 3, 32, 3)
+    last = [m for m in policy.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([0.0, 0.3, 0.0, 50.0, -50.0, 0.5]))  # (mean, raw log-std)
+    states = torch.randn(20_000, 4)
+    with torch.no_grad():
+        mean, log_std = policy.mean_log_std(states)
+        samples = policy(states)
+    torch.testing.assert_close(log_std, torch.tensor([2.0, -20.0, 0.5]).expand(20_000, 3), rtol=0, atol=0)
+    torch.testing.assert_close(mean, torch.tensor([0.0, 0.3, 0.0]).expand(20_000, 3), rtol=0, atol=0)
+    # sigma = e^2: P(|N(0, e^2)| > 1) = P(|N(0, 1)| > e^-2) = 0.892, so |tanh(.)| > tanh(1) that often
+    assert abs((samples[:, 0].abs() > np.tanh(1.0)).float().mean().item() - 0.892) < 0.02
+    assert torch.allclose(samples[:, 1], torch.tanh(torch.tensor(0.3)), rtol=0, atol=1e-6)  # sigma = e^-20
+    assert abs(torch.atanh(samples[:, 2]).std().item() - np.exp(0.5)) < 0.05
 
 
 def test_qlearning_conversion_terminal_and_timeout_endings():
@@ -214,29 +363,38 @@ def _bad(tmp_path, name, mutate):
     return path
 
 
+# case -> (flags, words the one `error:` line must contain: the setting or file, and the cause)
 BAD_INPUTS = {
-    "unknown env": lambda tmp: ["--env", "no-such-dataset-v9"],
-    "missing file": lambda tmp: ["--dataset_path", str(tmp / "missing.hdf5")],
-    "corrupt file": lambda tmp: ["--dataset_path", str((tmp / "corrupt.hdf5").write_bytes(b"\x00garbage" * 512)
-                                                       and tmp / "corrupt.hdf5")],
-    "NaN rows": lambda tmp: ["--dataset_path",
-                             _bad(tmp, "nan", lambda f: f["observations"].__setitem__((5, 2), np.nan))],
-    "actions outside the box": lambda tmp: ["--dataset_path",
-                                            _bad(tmp, "box", lambda f: f["actions"].__setitem__((7, 1), 1.5))],
-    "mismatched dims": lambda tmp: ["--dataset_path", write_tiny_hdf5(tmp / "dims.hdf5", obs_dim=5)],
-    "missing keys": lambda tmp: ["--dataset_path", _bad(tmp, "keys", lambda f: f.__delitem__("timeouts"))],
-    "wrong row count": lambda tmp: ["--dataset_path", _bad(tmp, "rows", lambda f: (
-        f.__delitem__("rewards"), f.create_dataset("rewards", data=np.zeros(10))))],
+    "unknown env": (lambda tmp: ["--env", "no-such-dataset-v9"], ["--env", "no-such-dataset-v9"]),
+    "missing file": (lambda tmp: ["--dataset_path", str(tmp / "missing.hdf5")],
+                     ["--dataset_path", "missing.hdf5", "does not exist"]),
+    "corrupt file": (lambda tmp: ["--dataset_path", str((tmp / "corrupt.hdf5").write_bytes(b"\x00garbage" * 512)
+                                                        and tmp / "corrupt.hdf5")], ["corrupt.hdf5", "HDF5"]),
+    "NaN rows": (lambda tmp: ["--dataset_path",
+                              _bad(tmp, "nan", lambda f: f["observations"].__setitem__((5, 2), np.nan))],
+                 ["nan.hdf5", "observations", "NaN"]),
+    "actions outside the box": (lambda tmp: ["--dataset_path",
+                                             _bad(tmp, "box", lambda f: f["actions"].__setitem__((7, 1), 1.5))],
+                                ["box.hdf5", "actions", "[-1, 1]", "1.5"]),
+    "mismatched dims": (lambda tmp: ["--dataset_path", write_tiny_hdf5(tmp / "dims.hdf5", obs_dim=5)],
+                        ["5-dim observations", "--eval_env"]),
+    "missing keys": (lambda tmp: ["--dataset_path", _bad(tmp, "keys", lambda f: f.__delitem__("timeouts"))],
+                     ["keys.hdf5", "timeouts"]),
+    "wrong row count": (lambda tmp: ["--dataset_path", _bad(tmp, "rows", lambda f: (
+        f.__delitem__("rewards"), f.create_dataset("rewards", data=np.zeros(10))))], ["rows.hdf5", "rewards", "10"]),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_gives_one_clear_error(tmp_path, case):
-    proc = run_script(*BAD_INPUTS[case](tmp_path), "--checkpoints_path", str(tmp_path / "runs"), timeout=120)
+    """One `error:` line that names the setting or file and what is wrong with it; no traceback, no results."""
+    flags, words = BAD_INPUTS[case]
+    proc = run_script(*flags(tmp_path), "--checkpoints_path", str(tmp_path / "runs"), timeout=120)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1, proc.stderr
+    assert all(word in lines[0] for word in words), (words, lines[0])
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("results.json"))
 
 
@@ -246,8 +404,8 @@ def test_mixed_precision_decode_stays_close_and_critics_still_learn():
     amp_flow = cnf.ConditionalFlow(3, 4, 3, 16, amp=True)
     amp_flow.load_state_dict(flow.state_dict())
     latents, states = torch.rand(1024, 3) * 1.8 - 0.9, torch.randn(1024, 4)
-    exact = flow.freeze().decode(latents, states)
-    assert (amp_flow.freeze().decode(latents, states) - exact).abs().max() < 2e-2
+    exact = cnf.FrozenFlow(flow).decode(latents, states)
+    assert (cnf.FrozenFlow(amp_flow).decode(latents, states) - exact).abs().max() < 2e-2
     torch.manual_seed(0)
     agent = cnf.CNF(amp_flow, 4, 3, tiny_config(critic_lr=1e-3, amp=True))
     batch = (states[:256], exact[:256], torch.ones(256, 1), torch.randn(256, 4), torch.ones(256, 1))

@@ -119,10 +119,22 @@ def test_yaml_gives_env_and_flow_sizes_and_flags_override(tmp_path):
     assert (config.env, config.flow_layers, config.flow_hidden, config.flow_steps) == \
         ("hopper-medium-replay-v2", 4, 64, 7)
     assert config.trials is None  # the paper's count for the dataset (50 locomotion, 20 maze2d)
-    proc = subprocess.run([sys.executable, str(ROOT / "algorithms" / "cnf_flow_search.py"), "--lr_min", "0"],
-                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("flags, words", [(["--lr_min", "0"], ["lr_min"]),
+                                          (["--lr_min", "1e-2", "--lr_max", "1e-3"], ["lr_min <= lr_max"]),
+                                          (["--weight_decay_min", "-1"], ["weight_decay_min"]),
+                                          (["--flow_script", "nope"], ["--flow_script", "nope"]),
+                                          (["--lr_sampling", "nope"], ["--lr_sampling", "nope"]),
+                                          (["--trials", "0"], ["--trials"])])
+def test_bad_setting_is_one_error_line_that_names_it(tmp_path, flags, words):
+    proc = subprocess.run([sys.executable, str(ROOT / "algorithms" / "cnf_flow_search.py"), *flags,
+                           "--checkpoints_path", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    assert all(word in errors[0] for word in words), (words, errors[0])
+    assert not list(tmp_path.iterdir())  # refused before anything is written
 
 
 def test_flow_script_picks_whose_phase_1_runs(tmp_path, tiny_hdf5):

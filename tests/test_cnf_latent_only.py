@@ -24,7 +24,7 @@ def tiny_config(**overrides):
 # ---- encoding the dataset --------------------------------------------------------------------------
 def test_encoded_dataset_decodes_back_to_its_actions_float64():
     """Chunked encoding (a chunk that does not divide N) then f^-1: the dataset's actions again."""
-    flow = random_flow(3).freeze()
+    flow = lo.FrozenFlow(random_flow(3))
     actions = torch.rand(5000, 3, dtype=torch.float64) * 1.998 - 0.999
     states = torch.randn(5000, 4, dtype=torch.float64)
     latents, edge_fraction = lo.encode_dataset(flow, actions, states, chunk=1536)
@@ -43,7 +43,7 @@ def test_encoded_dataset_decodes_back_to_its_actions_float32_away_from_the_edge(
     with torch.no_grad():  # stretch the last block so that the box's outer actions reach the latent edge
         flow.blocks[-1].actnorm.log_scale.add_(0.7)
     exact = copy.deepcopy(flow).double()
-    flow.freeze()
+    flow = lo.FrozenFlow(flow)
     actions = torch.rand(20_000, 3) * 1.998 - 0.999
     states = torch.randn(20_000, 4)
     latents, edge_fraction = lo.encode_dataset(flow, actions, states)
@@ -59,7 +59,7 @@ def test_encoded_dataset_decodes_back_to_its_actions_float32_away_from_the_edge(
 
 
 def test_the_buffer_samples_latents_row_aligned_with_the_transitions():
-    flow = random_flow(3, state_dim=11, dtype=torch.float32).freeze()
+    flow = lo.FrozenFlow(random_flow(3, state_dim=11, dtype=torch.float32))
     rng = np.random.default_rng(0)
     data = lo.OfflineData("toy", rng.normal(size=(500, 11)).astype(np.float32),
                           rng.uniform(-0.9, 0.9, (500, 3)).astype(np.float32), np.zeros(500, np.float32),
@@ -106,7 +106,7 @@ def test_the_update_never_calls_the_flow():
     def forbidden(*_):
         raise AssertionError("the flow was called during an update")
 
-    methods = ("encode", "decode", "decode_frozen", "forward", "log_prob")
+    methods = ("encode", "decode", "decode_blocks", "forward", "log_prob")
     for name in methods:
         setattr(agent.flow, name, forbidden)
     for _ in range(3):
@@ -192,7 +192,9 @@ def test_end_to_end_run_writes_what_it_promises(tmp_path, tiny_hdf5):
     proc = run_script("--dataset_path", tiny_hdf5, "--checkpoints_path", str(tmp_path), "--run_name", "normal",
                       "--flow_checkpoint", str(tmp_path / "normal.pt"), *TINY_FLAGS)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] != []
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    assert all(word in errors[0] for word in ("--flow_checkpoint", "normal.pt", "normal latent", "uniform")), errors
     assert not (tmp_path / "normal" / "results.json").exists()
 
 

@@ -26,7 +26,7 @@ def random_flow(action_dim, **kwargs):
 def test_decode_inverts_encode(n, frozen, dtype, atol):
     flow = random_flow(n, dtype=dtype)
     if frozen:
-        flow.freeze()
+        flow = nab.FrozenFlow(flow)  # phase 2's decoder
     actions = torch.rand(4096, n, dtype=dtype) * 1.98 - 0.99
     states = torch.randn(4096, 4, dtype=dtype)
     latents, _ = flow.encode(actions, states)
@@ -64,7 +64,7 @@ def test_density_integrates_to_one_2d():
 def test_far_latents_decode_to_the_edge_of_the_action_box():
     """The mechanism behind Fig. 5: every latent decodes inside (-1, 1)^n, but latents far from
     N(0, I)'s bulk land at the box's edge, where the data has (almost) no actions."""
-    flow = random_flow(3, dtype=torch.float32).freeze()
+    flow = nab.FrozenFlow(random_flow(3, dtype=torch.float32))
     states = torch.randn(4096, 4)
     near = flow.decode(torch.randn(4096, 3), states)
     far = flow.decode(torch.randn(4096, 3) * 1e3, states)

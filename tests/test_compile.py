@@ -50,7 +50,7 @@ def test_frozen_leaky_relu_under_compile_is_the_eager_one(slope):
     x = torch.randn(256, 8, generator=torch.Generator().manual_seed(0)) * 3.0
     grad = torch.randn(256, 8, generator=torch.Generator().manual_seed(1))
     results = []
-    for activation in (cnf.ConditionalFlow.leaky_relu, torch.compile(cnf.ConditionalFlow.leaky_relu)):
+    for activation in (cnf.FrozenFlow.leaky_relu, torch.compile(cnf.FrozenFlow.leaky_relu)):
         inputs = x.clone().requires_grad_(True)
         out = activation(inputs, slope)
         out.backward(grad)

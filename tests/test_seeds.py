@@ -7,6 +7,7 @@ import copy
 import json
 from dataclasses import replace
 
+import pyrallis
 import pytest
 import torch
 
@@ -113,21 +114,16 @@ def test_one_seed_in_seeds_is_a_single_run(tmp_path, tiny_hdf5):
 
 # %% (b) N seeds: each seed's agent is CNF's, the agents differ, losses fall, no gradient crosses seeds
 def test_each_seed_steps_exactly_like_a_cnf_agent(monkeypatch):
-    """Seed i of a SeedCNF, given seed i's batches and noise, follows a CNF agent started from its weights."""
+    """Seed i of a SeedCNF follows a CNF agent started from its weights and given seed i's batches. The latent
+    policy's noise is switched off (z = tanh(mu)) in both, so the two see the same draws; that every seed draws
+    its own noise is checked below (test_seeds_draw_their_own_noise)."""
     agent, flow = seed_agents()
     singles = [seed_slice(agent, i, flow) for i in range(3)]
     g = torch.Generator().manual_seed(1)
     batches = [batch_of(g, 3) for _ in range(3)]
-    noise = [torch.randn(3, BATCH, ACTION_DIM, generator=g) for _ in range(2 * len(batches))]
-
-    def serve(pick):
-        draws = iter(noise)
-        monkeypatch.setattr(torch, "randn_like", lambda mean: pick(next(draws)).to(mean))
-
-    serve(lambda draw: draw)
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
     losses = [agent.train(batch) for batch in batches]
     for i, single in enumerate(singles):
-        serve(lambda draw: draw[i])
         single_losses = [single.train(tuple(x[i] for x in batch)) for batch in batches]
         for ours, theirs in zip(losses, single_losses):
             for key, value in theirs.items():
@@ -140,6 +136,18 @@ def test_each_seed_steps_exactly_like_a_cnf_agent(monkeypatch):
     for i in range(3):
         torch.testing.assert_close(acted[i], seed_slice(agent, i, flow).act(states))
         torch.testing.assert_close(agent.seed_policy(i)(states)[0], acted[i])
+
+
+def test_seeds_draw_their_own_noise():
+    """Two seeds with the same weights and the same batch: their sampled latents, hence their losses, differ."""
+    agent, _ = seed_agents(seeds=2)
+    with torch.no_grad():
+        for named in agent.params.values():
+            for value in named.values():
+                value[1] = value[0]
+    batch = tuple(x[:1].expand(2, *x.shape[1:]) for x in batch_of(torch.Generator().manual_seed(1), 1))
+    losses = agent.train(batch)
+    assert losses[(0, "critic_loss")] != losses[(1, "critic_loss")]
 
 
 def test_no_gradient_crosses_seeds():
@@ -164,7 +172,7 @@ def test_no_gradient_crosses_seeds():
 
 def test_seed_agents_differ_and_each_learns():
     """Every transition terminal with reward 1: each seed's critics approach Q = 1; the seeds' policies differ."""
-    agent, _ = seed_agents(critic_lr=1e-3)
+    agent, flow = seed_agents(critic_lr=1e-3)
     g = torch.Generator().manual_seed(1)
     states, actions = torch.randn(3, 256, STATE_DIM, generator=g), torch.rand(3, 256, ACTION_DIM, generator=g) - 0.5
     batch = (states, actions, torch.ones(3, 256, 1), torch.randn(3, 256, STATE_DIM, generator=g), torch.ones(3, 256, 1))
@@ -173,7 +181,8 @@ def test_seed_agents_differ_and_each_learns():
         last = agent.train(batch)
     for i in range(3):
         assert last[(i, "critic_loss")] < 0.05 * first[(i, "critic_loss")]
-    assert (agent.critic(states, actions) - 1.0).abs().mean() < 0.05
+    for i in range(3):
+        assert (seed_slice(agent, i, flow).critic(states[i], actions[i]) - 1.0).abs().mean() < 0.05
     acted = agent.act(states[0].repeat(3, 1)).view(3, 256, ACTION_DIM)
     assert (acted[0] - acted[1]).abs().mean() > 1e-3 and (acted[1] - acted[2]).abs().mean() > 1e-3
 
@@ -281,7 +290,8 @@ def test_bad_seeds_are_one_error_line_before_any_work(tmp_path, tiny_hdf5, flags
 def test_resume_with_other_seeds_is_refused(tmp_path, tiny_hdf5):
     run_dir = tmp_path / "r-seed1"
     run_dir.mkdir()
-    cnf.make_run_dir(tiny_config(dataset_path=tiny_hdf5, seeds=[0, 1], seed=1, resume=str(run_dir)), "tiny")
+    with open(run_dir / "config.yaml", "w") as f:  # a stopped seeds run's config, as start_run writes it
+        pyrallis.dump(tiny_config(dataset_path=tiny_hdf5, seeds=[0, 1], seed=1, resume=str(run_dir)), f)
     for flags, word in ((["--seeds", "0", "2"], "started with --seeds 0 1"), ([], "is gone")):
         with pytest.raises(SystemExit, match=f"^error: .*{word}"):  # other seeds; then r-seed0 missing
             cnf.train(cnf.parse_config(cnf.TrainConfig, ["--resume", str(run_dir), *flags]))

@@ -38,8 +38,8 @@ def test_expand_runs_names_and_arguments(tmp_path):
     quick = sweep.expand_runs(["awac"], ["hopper-medium-v2"], [1], "runs", preset="quick")[0]
     assert quick.data_args == ("--config_path", str(CONFIGS / "awac/quick.yaml"), "--env", "hopper-medium-v2")
     table1 = sweep.expand_runs(sweep.TABLE1_ALGORITHMS, ["table1"], [0, 1, 2], "runs")
-    assert len(table1) == 12 * len(sweep.TABLE1_ALGORITHMS) * 3 and {"cnf", "awac", "iql", "plas"} <= {
-        r.algorithm for r in table1}
+    assert len(table1) == 12 * (len(sweep.TABLE1_ALGORITHMS) - 1) * 3 + 12 and {"cnf", "awac", "iql", "plas"} <= {
+        r.algorithm for r in table1}  # CNF: one job per dataset, its three seeds in one process
     assert all(r.data_args[0] == "--config_path" for r in table1)  # every Table-1 cell has its YAML
     with pytest.raises(SystemExit, match="no such file"):
         sweep.expand_runs(["awac"], [str(tmp_path / "missing.hdf5")], [0], "runs")
@@ -79,10 +79,41 @@ def test_run_actions_and_commands(tmp_path):
                                                     "--device", "cpu"]
 
 
+def test_cnf_seeds_of_a_dataset_are_one_job_that_resumes_them_all(tmp_path, capsys):
+    """cnf.py's seeds of one dataset: one `--seeds` job (one flow, one process), its directories named as
+    separate runs' would be; a stopped group is resumed from its first seed's directory; finished when all are."""
+    [group] = sweep.expand_runs(["cnf"], ["hopper-medium-gymv5"], [0, 1, 2], str(tmp_path))
+    assert group.group == (0, 1, 2) and group.name == "cnf-hopper-medium-gymv5-seed0,1,2"
+    assert [d.name for d in group.run_dirs] == [f"cnf-hopper-medium-gymv5-seed{s}" for s in (0, 1, 2)]
+    script = str(ROOT / "algorithms" / "cnf.py")
+    assert sweep.run_action(group)[0] == "start"
+    assert sweep.run_command(group, "py") == ["py", script, "--env", "hopper-medium-gymv5", "--seeds", "0", "1", "2",
+                                              "--checkpoints_path", str(tmp_path), "--run_name",
+                                              "cnf-hopper-medium-gymv5"]
+    for run_dir in group.run_dirs:  # a stopped group: config.yaml everywhere, one seed already finished
+        run_dir.mkdir()
+        (run_dir / "config.yaml").write_text("seed: 0\n")
+    (group.run_dirs[1] / "results.json").write_text("{}")
+    for run_dir in group.run_dirs:
+        backdate(run_dir, 3600)
+    assert sweep.run_action(group)[0] == "resume"
+    assert sweep.run_command(group, "py") == ["py", script, "--resume", str(group.run_dirs[0])]
+    for run_dir in group.run_dirs:
+        (run_dir / "results.json").write_text("{}")
+    assert sweep.run_action(group) == ("skip", "finished") and sweep.run_command(group, "py") is None
+    separate = sweep.expand_runs(["cnf"], ["hopper-medium-gymv5"], [0, 1], str(tmp_path), separate_seeds=True)
+    assert [r.group for r in separate] == [(), ()]
+    sweep.main(["--dry_run", "--algorithms", "cnf", "iql", "--datasets", "hopper-medium-gymv5", "--seeds", "0", "1",
+                "--checkpoints_path", str(tmp_path / "dry")])
+    commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
+    assert len(commands) == 3 and "--seeds 0 1" in commands[0] and "--seed 0" in commands[1]
+
+
 def test_command_line_errors(tmp_path):
     for argv, message in ((["--algorithms", "nope"], "--algorithms nope: not an algorithm script"),
                           (["--workers", "0"], "--workers must be at least 1"),
-                          (["--", "--seed", "3"], "--seed after `--`: the sweep sets it per run")):
+                          (["--", "--seed", "3"], "--seed after `--`: the sweep sets it per run"),
+                          (["--", "--seeds", "3", "4"], "--seeds after `--`: the sweep sets it per run")):
         with pytest.raises(SystemExit, match=message):
             sweep.main(["--dry_run", "--checkpoints_path", str(tmp_path), *argv])
 
@@ -176,7 +207,7 @@ def test_local_sweep_end_to_end_then_resume_a_stopped_run(tmp_path, capsys):
     assert "Left out" not in (out / "report.md").read_text()
 
     assert sweep.main([*map(str, grid), "--dry_run"]) is None  # nothing left to do
-    assert "4 runs: 0 to run, 4 skipped" in capsys.readouterr().out
+    assert "4 jobs: 0 to run, 4 skipped" in capsys.readouterr().out
 
 
 def test_failed_run_is_reported(tmp_path):
