@@ -1163,10 +1163,28 @@ def train_seeds(config: TrainConfig, seeds: List[int]) -> Path:
 # ==== Plumbing shared by every algorithm file (copied from cnf.py; tests/test_copies.py keeps it identical) ====
 # Nothing below is part of the algorithm: data sources, evaluation, checkpoints, logging, config parsing.
 
-
 D4RL_LOCOMOTION = re.compile(r"^(halfcheetah|hopper|walker2d)-"
                              r"(random|medium|medium-replay|medium-expert|expert|full-replay)-v2$")
 D4RL_MAZE2D = re.compile(r"^maze2d-(umaze|medium|large)-v1$")
+D4RL_REF_SCORES = {  # D4RL's (random, expert) returns: normalised score = 100 (R - min) / (max - min)
+    "halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3),
+    "maze2d-umaze": (23.85, 161.86), "maze2d-medium": (13.13, 277.39), "maze2d-large": (6.7, 273.99),
+}
+GYMNASIUM_IDS = {"halfcheetah": "HalfCheetah", "hopper": "Hopper", "walker2d": "Walker2d"}
+BUNDLED = re.compile(r"^(halfcheetah|hopper|walker2d)-(random|medium|medium-replay|expert|medium-expert)-gymv5$")
+MINARI_ID = re.compile(r"^[\w.-]+(/[\w.-]+)*/[\w.-]+-v\d+$")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHECKS = [  # check_config's rules, by a field's name: (the names, the test a value must pass, what is allowed)
+    (("train_steps",), lambda v: v >= 1, "at least 1 update"),
+    (("_steps", "_patience", "_workers"), lambda v: v >= 0, "0 or more"),
+    (("_every", "_episodes", "batch_size", "_layers", "_hidden", "hidden_dim", "cpu_threads"), lambda v: v >= 1,
+     "a whole number, at least 1"),
+    (("_fraction",), lambda v: 0.0 < v < 1.0, "a fraction strictly between 0 and 1"),
+    (("_lr",), lambda v: v > 0.0, "a positive learning rate"),
+    (("gamma", "tau"), lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
+    (("device",), lambda v: re.fullmatch(r"(cpu|mps|cuda)(:\d+)?", v), "cpu, cuda, cuda:N or mps"),
+    (("wandb_mode",), lambda v: v in ("online", "offline", "disabled"), "online, offline or disabled"),
+]
 
 
 def d4rl_filename(name: str) -> str:
@@ -1177,20 +1195,9 @@ def d4rl_filename(name: str) -> str:
     return f"{env}_{level.replace('-', '_')}-v2.hdf5"
 
 
-D4RL_REF_SCORES = {  # D4RL's (random, expert) returns: normalised score = 100 (R - min) / (max - min)
-    "halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3),
-    "maze2d-umaze": (23.85, 161.86), "maze2d-medium": (13.13, 277.39), "maze2d-large": (6.7, 273.99),
-}
-GYMNASIUM_IDS = {"halfcheetah": "HalfCheetah", "hopper": "Hopper", "walker2d": "Walker2d"}
-BUNDLED = re.compile(r"^(halfcheetah|hopper|walker2d)-(random|medium|medium-replay|expert|medium-expert)-gymv5$")
-MINARI_ID = re.compile(r"^[\w.-]+(/[\w.-]+)*/[\w.-]+-v\d+$")
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
 @dataclass
 class OfflineData:
     """Transitions after D4RL's q-learning conversion, plus how to evaluate and score on them."""
-
     name: str
     observations: np.ndarray  # [N, obs_dim] float32
     actions: np.ndarray  # [N, act_dim] float32, inside [-1, 1]
@@ -1204,29 +1211,21 @@ class OfflineData:
 
 
 def qlearning_dataset(raw: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """D4RL's `qlearning_dataset`: next observation = the next row; timeout rows (an episode's cut end) and the
-    file's last row are dropped, terminal rows kept with done = 1."""
+    """D4RL's `qlearning_dataset`: next observation = the next row; timeout rows and the last row are dropped."""
     keep = np.flatnonzero(~raw["timeouts"][: len(raw["rewards"]) - 1].astype(bool))
-    return {"observations": raw["observations"][keep], "actions": raw["actions"][keep],
-            "rewards": raw["rewards"][keep], "next_observations": raw["observations"][keep + 1],
-            "dones": raw["terminals"][keep].astype(np.float32)}
+    return {"observations": raw["observations"][keep], "actions": raw["actions"][keep], "rewards": raw["rewards"][keep],
+            "next_observations": raw["observations"][keep + 1], "dones": raw["terminals"][keep].astype(np.float32)}
 
 
 def episode_returns(raw: Dict[str, np.ndarray]) -> np.ndarray:
     """Returns of the data's whole episodes (those that end with a terminal or a timeout row)."""
     ends = np.flatnonzero(np.asarray(raw["terminals"], bool) | np.asarray(raw["timeouts"], bool))
-    sums = np.add.reduceat(np.asarray(raw["rewards"], np.float64), np.r_[0, ends[:-1] + 1]) if len(ends) else []
-    return np.asarray(sums, dtype=np.float64)
+    return np.add.reduceat(np.asarray(raw["rewards"], float), np.r_[0, ends[:-1] + 1]) if len(ends) else np.zeros(0)
 
 
 def read_hdf5(path: str) -> Dict[str, np.ndarray]:
-    import h5py
-
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: dataset file {path} does not exist; check the path "
-                         f"(D4RL files: python data/download_d4rl.py NAME)")
     try:
-        with h5py.File(path, "r") as f:
+        with __import__("h5py").File(path, "r") as f:
             keys = ("observations", "actions", "rewards", "terminals", "timeouts")
             if missing := [k for k in keys if k not in f]:
                 raise SystemExit(f"error: {path} lacks the D4RL keys {missing}; see data/README.md for the format")
@@ -1236,50 +1235,37 @@ def read_hdf5(path: str) -> Dict[str, np.ndarray]:
 
 
 def check_dataset(raw: Dict[str, np.ndarray], source: str) -> Dict[str, np.ndarray]:
-    """Shapes, NaNs and the action box, each with a message that says what to do."""
-    obs, act = np.asarray(raw["observations"]), np.asarray(raw["actions"])
-    n = len(obs)
+    obs, act, n = np.asarray(raw["observations"]), np.asarray(raw["actions"]), len(raw["observations"])
     if obs.ndim != 2 or act.ndim != 2 or n == 0:
         raise SystemExit(f"error: {source}: observations and actions must be 2-D [N, dim] arrays, "
                          f"got {obs.shape} and {act.shape}")
-    for key in ("actions", "rewards", "terminals", "timeouts"):
-        if len(raw[key]) != n:
-            raise SystemExit(f"error: {source}: '{key}' has {len(raw[key])} rows but observations have {n}")
+    if key := next((k for k in ("actions", "rewards", "terminals", "timeouts") if len(raw[k]) != n), None):
+        raise SystemExit(f"error: {source}: '{key}' has {len(raw[key])} rows but observations have {n}")
     for key in ("observations", "actions", "rewards"):
-        bad = ~np.isfinite(np.asarray(raw[key]).reshape(n, -1)).all(axis=1)
-        if bad.any():
+        if (bad := ~np.isfinite(np.asarray(raw[key]).reshape(n, -1)).all(axis=1)).any():
             raise SystemExit(f"error: {source}: {bad.sum()} rows of '{key}' hold NaN or inf "
                              f"(first: row {np.flatnonzero(bad)[0]}); remove or repair them")
-    if np.abs(act).max() > 1.0 + 1e-4:
-        row = np.flatnonzero(np.abs(act).max(axis=1) > 1.0 + 1e-4)[0]
+    if (rows := np.flatnonzero(np.abs(act).max(axis=1) > 1.0 + 1e-4)).size:
         raise SystemExit(f"error: {source}: actions must lie in [-1, 1] (max |a| = {np.abs(act).max():.4g}, row "
-                         f"{row}); rescale them to the env's action box first")
+                         f"{rows[0]}); rescale them to the env's action box first")
     return {**raw, "observations": obs.astype(np.float32), "actions": np.clip(act, -1.0, 1.0).astype(np.float32),
             "rewards": np.asarray(raw["rewards"], dtype=np.float32)}
 
 
 def make_vector_env(kind: str, env_id: str, num_envs: int):
-    """`num_envs` evaluation envs in one sync vector env: Gymnasium's (`make_vec`), d4rl's (old gym) or a
-    Minari dataset's own (`recover_environment`). Used through functools.partial, which workers can pickle."""
+    """`num_envs` eval envs in one sync vector env: d4rl's, a Minari dataset's or Gymnasium's (pickled as a partial)."""
     with warnings.catch_warnings():  # MuJoCo envs warn about deprecated model setters at every make
         warnings.simplefilter("ignore", DeprecationWarning)
         if kind == "d4rl":
             import d4rl  # noqa: F401  (registers the D4RL envs)
             import gym
-
             return gym.vector.SyncVectorEnv([lambda: gym.make(env_id)] * num_envs)
         import gymnasium
-
         if kind == "minari":
-            import minari
-
-            dataset = minari.load_dataset(env_id, download=False)
+            dataset = __import__("minari").load_dataset(env_id, download=False)
             return gymnasium.vector.SyncVectorEnv([lambda: dataset.recover_environment(eval_env=True)] * num_envs)
-        try:
-            import mujoco  # HalfCheetah's XML warns (`settotalmass`) at every load: drop that one message
-            mujoco.set_mju_user_warning(lambda m: None if "settotalmass" in m else warnings.warn(f"MuJoCo: {m}"))
-        except ImportError:
-            pass
+        if importlib.util.find_spec("mujoco"):  # HalfCheetah's XML warns (`settotalmass`) at every load: drop it
+            __import__("mujoco").set_mju_user_warning(lambda m: "settotalmass" in m or warnings.warn(f"MuJoCo: {m}"))
         try:
             return gymnasium.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync")
         except gymnasium.error.Error as e:
@@ -1296,37 +1282,29 @@ def bundled_sources(name: str) -> Optional[List[Path]]:
 
 
 def bundled_dataset_path(name: str) -> str:
-    """The bundled dataset in $CNF_DATA_DIR (default ~/.cache/cnf/datasets), generated on first use, and again when
-    the shipped files it came from changed (its policy_sha256 attribute)."""
-    import h5py
-
+    """$CNF_DATA_DIR/<name>.hdf5 (default ~/.cache/cnf/datasets), generated when missing or stale (policy_sha256)."""
     path = Path(os.environ.get("CNF_DATA_DIR", Path.home() / ".cache" / "cnf" / "datasets")) / f"{name}.hdf5"
     hashes = ",".join(hashlib.sha256(p.read_bytes()).hexdigest() for p in bundled_sources(name))
     if path.exists():
-        with h5py.File(path, "r") as f:
+        with __import__("h5py").File(path, "r") as f:
             if f.attrs.get("policy_sha256") in (hashes or "none (uniform random actions)", None):
                 return str(path)
         print(f"{path} came from an older shipped policy: generating it again", file=sys.stderr)
     print(f"generating the bundled dataset {name} into {path} (once; later runs reuse it)", file=sys.stderr)
-    env, level = BUNDLED.match(name).groups()
-    cmd = [sys.executable, str(REPO_ROOT / "data" / "generate.py"), "--env", f"{GYMNASIUM_IDS[env]}-v5",
-           "--level", level, "--num_steps", "1000000", "--seed", "0", "--out", str(path)]
+    cmd = [sys.executable, str(REPO_ROOT / "data" / "generate.py"), "--env", f"{GYMNASIUM_IDS[name.split('-')[0]]}-v5",
+           "--level", BUNDLED.match(name)[2], "--num_steps", "1000000", "--seed", "0", "--out", str(path)]
     if subprocess.run(cmd).returncode != 0:
         raise SystemExit(f"error: could not generate {name}; run {' '.join(cmd[1:])} to see why")
     return str(path)
 
 
 def data_source(config) -> str:
-    """The data source (refused before any work if unknown): 1. `--dataset_path FILE`, any D4RL-format HDF5
-    (env: --eval_env or its `env` attribute; scores: its ref_min/max_score attributes, or D4RL's for a D4RL name);
-    a D4RL name with 2. d4rl importable (Docker): d4rl's data, env and score, 3. without: d4rl's cached file
-    ($D4RL_DATASET_DIR), evaluated in Gymnasium's v4 env (the v2 files' dynamics); 4. a bundled `*-gymv5`
-    (data/generate.py); 5. a Minari id, read offline, in its own env, with Minari's scores (else raw returns)."""
+    """The source (else an error, before any work): `--dataset_path FILE` (env: --eval_env or its `env` attribute),
+    a D4RL name (d4rl, else its cached file in Gymnasium's v4 env), a bundled `*-gymv5`, or a Minari id (offline)."""
     if config.dataset_path is not None:
         return "file"
     if D4RL_LOCOMOTION.match(config.env) or D4RL_MAZE2D.match(config.env):
-        found = importlib.util.find_spec("d4rl") is not None and importlib.util.find_spec("gym") is not None
-        return "d4rl" if found else "d4rl file"
+        return "d4rl" if all(importlib.util.find_spec(m) for m in ("d4rl", "gym")) else "d4rl file"
     if bundled_sources(config.env) is not None:
         return "bundle"
     if MINARI_ID.match(config.env):
@@ -1344,13 +1322,10 @@ def read_source(config) -> tuple:
     if source == "d4rl":  # scored with D4RL's reference returns, as d4rl.get_normalized_score does
         low, high = next(v for k, v in D4RL_REF_SCORES.items() if name.startswith(k))
         import d4rl  # noqa: F401  (registers the D4RL envs)
-        import gym
-
-        return (name, gym.make(name).get_dataset(), functools.partial(make_vector_env, "d4rl", name),
+        return (name, __import__("gym").make(name).get_dataset(), functools.partial(make_vector_env, "d4rl", name),
                 lambda returns: 100.0 * (np.asarray(returns) - low) / (high - low))
     if source == "minari":
         import minari
-
         try:
             dataset = minari.load_dataset(name, download=False)
         except FileNotFoundError:
@@ -1366,17 +1341,16 @@ def read_source(config) -> tuple:
         return name, raw, functools.partial(make_vector_env, "minari", name), normalize
     if source == "d4rl file" and D4RL_MAZE2D.match(name):
         raise SystemExit(f"error: {name} needs d4rl (maze2d has no Gymnasium equivalent): use the Docker image")
-    path = {"file": config.dataset_path, "bundle": lambda: bundled_dataset_path(name), "d4rl file": Path(
-        os.environ.get("D4RL_DATASET_DIR", Path.home() / ".d4rl" / "datasets")) / d4rl_filename(name)}[source]
+    path = (Path(os.environ.get("D4RL_DATASET_DIR", Path.home() / ".d4rl" / "datasets")) / d4rl_filename(name)
+            if source == "d4rl file" else config.dataset_path or bundled_dataset_path(name))
     if source == "d4rl file" and not path.exists():
         raise SystemExit(f"error: d4rl is not installed and {path} does not exist; "
                          f"run: python data/download_d4rl.py {name}")
-    raw = read_hdf5(str(path() if callable(path) else path))
+    raw = read_hdf5(str(path))
     name, attrs = name if source == "d4rl file" else Path(raw["path"]).stem, raw["attrs"]
     d4rl_key = next((k for k in D4RL_REF_SCORES if name.startswith(k)), None)  # a D4RL file is evaluated in v4
-    eval_env = config.eval_env or attrs.get("env") or (f"{GYMNASIUM_IDS[d4rl_key]}-v4" if source == "d4rl file"
-                                                       else None)
-    if eval_env is None:
+    eval_env = config.eval_env or attrs.get("env") or source == "d4rl file" and f"{GYMNASIUM_IDS[d4rl_key]}-v4"
+    if not eval_env:
         raise SystemExit(f"error: {raw['path']} has no 'env' attribute; pass --eval_env (a Gymnasium id)")
     if "ref_min_score" not in attrs and d4rl_key is None:
         raise SystemExit(f"error: {raw['path']} has no ref_min_score/ref_max_score attributes "
@@ -1388,33 +1362,26 @@ def read_source(config) -> tuple:
 
 
 def load_offline_data(config) -> OfflineData:
-    """Resolve --dataset_path / --env to transitions, an evaluation env and a score normaliser."""
     name, raw, make_env, normalize = read_source(config)
     raw = check_dataset(raw, config.dataset_path or name)
     returns, data = episode_returns(raw), qlearning_dataset(raw)
     if len(data["rewards"]) < 2:
         raise SystemExit(f"error: {config.dataset_path or name} holds {len(data['rewards'])} transition(s) "
                          f"after dropping timeout rows; a dataset needs at least 2")
-    score = float(np.mean(normalize(returns))) if len(returns) else None
     kind = {} if normalize is not np.asarray else {"score": "raw episode return (the data has no reference scores)"}
-    return OfflineData(name=name, make_eval_env=make_env, normalize_score=normalize, dataset_score=score, **kind,
-                       **data)
+    return OfflineData(name=name, make_eval_env=make_env, normalize_score=normalize, **kind, **data,
+                       dataset_score=float(np.mean(normalize(returns))) if len(returns) else None)
 
 
 class ReplayBuffer:
     """The whole dataset on the training device, states normalised once; sampling never syncs."""
-
     def __init__(self, data: OfflineData, device: str):
-        self.state_mean = data.observations.mean(0)
-        self.state_std = data.observations.std(0) + 1e-3
-        as_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device)  # noqa: E731
-        self.states = as_tensor((data.observations - self.state_mean) / self.state_std)
-        self.next_states = as_tensor((data.next_observations - self.state_mean) / self.state_std)
-        self.actions = as_tensor(data.actions)
-        self.rewards = as_tensor(data.rewards)[:, None]  # [N, 1]
-        self.dones = as_tensor(data.dones)[:, None]  # [N, 1]
+        self.state_mean, self.state_std = data.observations.mean(0), data.observations.std(0) + 1e-3
+        states = [(x - self.state_mean) / self.state_std for x in (data.observations, data.next_observations)]
+        self.states, self.next_states, self.actions, self.rewards, self.dones = (  # rewards, dones: [N, 1]
+            torch.as_tensor(x, dtype=torch.float32, device=device)
+            for x in (*states, data.actions, data.rewards[:, None], data.dones[:, None]))
         self.size, self.device = len(self.states), device
-
     def sample(self, batch_size: int) -> Tuple[torch.Tensor, ...]:
         idx = torch.randint(0, self.size, (batch_size,), device=self.device)
         return self.states[idx], self.actions[idx], self.rewards[idx], self.next_states[idx], self.dones[idx]
@@ -1423,17 +1390,13 @@ class ReplayBuffer:
 @torch.no_grad()
 def evaluate(make_env: Callable[[int], object], act: Callable[[torch.Tensor], torch.Tensor],
              state_mean: np.ndarray, state_std: np.ndarray, episodes: int, seed: int, device: str) -> np.ndarray:
-    """Return of `episodes` episodes stepped together in one vector env; `act` maps normalised states
-    [episodes, obs_dim] to actions in one call per env step. A policy that samples draws from a stream seeded by
-    `seed`, apart from training's. Works with Gymnasium's and old gym's vector envs. An evaluation worker's `act`
-    is a `policy_snapshot`, acting on the CPU."""
+    """Returns of `episodes` episodes in one vector env; `act` (or a worker's `policy_snapshot`) samples from `seed`."""
     if isinstance(act, bytes):
         torch.set_num_threads(1)
         act = torch.load(io.BytesIO(act), map_location="cpu", weights_only=False)  # our own pickle
-    envs = make_env(episodes)
-    reset = envs.reset(seed=seed)
-    obs = reset[0] if isinstance(reset, tuple) else reset
-    returns, running = np.zeros(episodes), np.ones(episodes, dtype=bool)
+    envs, returns, running = make_env(episodes), np.zeros(episodes), np.ones(episodes, dtype=bool)
+    obs = envs.reset(seed=seed)
+    obs = obs[0] if isinstance(obs, tuple) else obs
     with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
         torch.manual_seed(int(np.atleast_1d(seed)[0]))
         while running.any():
@@ -1447,14 +1410,12 @@ def evaluate(make_env: Callable[[int], object], act: Callable[[torch.Tensor], to
 
 
 def policy_snapshot(act: Callable[[torch.Tensor], torch.Tensor]) -> bytes:
-    """What acting needs, for an evaluation worker: `act` (an agent's bound method) pickled with a copy of its
-    agent without optimisers, its config on the CPU."""
+    """`act` (an agent's bound method) pickled with a copy of its agent: no optimisers, its config on the CPU."""
     agent = copy.copy(act.__self__)
     agent.__dict__.update({k: None for k, v in vars(agent).items() if isinstance(v, torch.optim.Optimizer)})
     if hasattr(agent, "config"):
         agent.config = replace(agent.config, device="cpu")
-    snapshot = io.BytesIO()
-    torch.save(getattr(agent, act.__name__), snapshot)
+    torch.save(getattr(agent, act.__name__), snapshot := io.BytesIO())
     return snapshot.getvalue()
 
 
@@ -1492,7 +1453,6 @@ def save_atomic(obj, path: Path) -> Path:
 
 
 def torch_load(path) -> dict:
-    """A checkpoint or weights file; an unreadable one is one error line that names it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
@@ -1502,41 +1462,34 @@ def torch_load(path) -> dict:
 
 
 def compiled(step: Callable, config) -> Callable:
-    """`--compile`: a whole update through torch.compile, on CUDA replayed as CUDA graphs (reduce-overhead); random
-    draws stay fresh at every replay, the maths is the eager update's."""
+    """`--compile`: the update through torch.compile (CUDA graphs on CUDA; random draws stay fresh, same maths)."""
     cuda = torch.device(config.device).type == "cuda"
     return torch.compile(step, mode="reduce-overhead" if cuda else None) if config.compile else step
 
 
 class RunLogger:
-    """metrics.jsonl (curves never need wandb; on --resume cut to what the checkpoint covers) and wandb (offline by
-    default; each phase has its own step axis, `flow_step`, `rl_step`, ...)."""
-
+    """metrics.jsonl (cut on --resume to what the checkpoint covers) and wandb (offline by default; per-phase steps)."""
     def __init__(self, config, run_dir: Path, checkpoint: Optional[dict]):
         path, rank = run_dir / "metrics.jsonl", lambda row: (row.get("phase", "rl") == "rl", row["step"])
         if path.exists():  # keep what the checkpoint covers (pre-training phases first); the rest is logged again
             last = rank(checkpoint) if checkpoint is not None else (False, -1)
-            kept = "".join(line + "\n" for line in path.read_text().splitlines() if rank(json.loads(line)) <= last)
+            kept = "".join(line for line in path.read_text().splitlines(True) if rank(json.loads(line)) <= last)
             save_atomic(kept, path)
         self.file, self.axes, self.wandb = open(path, "a"), set(), None
         if config.wandb_mode != "disabled":  # else wandb is not even imported
             import wandb
-
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb = wandb.init(project=config.wandb_project, group=f"{ALGORITHM}-{config.env}", name=run_dir.name,
                                     config=asdict(config), dir=str(run_dir), mode=config.wandb_mode, resume="allow",
                                     id=run_dir.name, settings=wandb.Settings(silent=True, console="off"))
-
     def log(self, metrics: Dict[str, float], step: int, phase: str = "rl") -> None:
         metrics = {k: float(v) for k, v in metrics.items()}
-        self.file.write(json.dumps({"step": step, "phase": phase, **metrics}) + "\n")
-        self.file.flush()
+        print(json.dumps({"step": step, "phase": phase, **metrics}), file=self.file, flush=True)
         if self.wandb is not None:
             for key in metrics.keys() - self.axes:
                 self.wandb.define_metric(key, step_metric=f"{phase}_step")
             self.axes |= metrics.keys()
             self.wandb.log({**metrics, f"{phase}_step": step})
-
     def close(self) -> None:
         self.file.close()
         if self.wandb is not None:
@@ -1547,7 +1500,6 @@ def load_yaml_config(config_class, path: str, flag: str):
     """A pyrallis YAML as a config; a missing or malformed file, unknown keys and wrong types are one error line."""
     import pyrallis
     import yaml
-
     if not os.path.isfile(path):
         raise SystemExit(f"error: {flag} {path} does not exist")
     try:
@@ -1555,49 +1507,29 @@ def load_yaml_config(config_class, path: str, flag: str):
         if unknown := (sorted(set(values) - set(config_class.__dataclass_fields__)) if isinstance(values, dict)
                        else values):
             raise SystemExit(f"error: {flag} {path}: unknown keys {unknown}; valid keys are the flags of --help")
-        with open(path) as f:
-            return pyrallis.load(config_class, f)
+        return pyrallis.decode(config_class, values)
     except (yaml.YAMLError, pyrallis.ParsingError, ValueError, TypeError) as e:
         kind = "is not valid YAML" if isinstance(e, yaml.YAMLError) else "has a wrong value"
         raise SystemExit(f"error: {flag} {path} {kind} ({str(e).splitlines()[0]})") from None
 
 
-CHECKS = [  # check_config's rules, by a field's name: (the names, the test a value must pass, what is allowed)
-    (("train_steps",), lambda v: v >= 1, "at least 1 update"),
-    (("_steps", "_patience", "_workers"), lambda v: v >= 0, "0 or more"),
-    (("_every", "_episodes", "batch_size", "_layers", "_hidden", "hidden_dim", "cpu_threads"), lambda v: v >= 1,
-     "a whole number, at least 1"),
-    (("_fraction",), lambda v: 0.0 < v < 1.0, "a fraction strictly between 0 and 1"),
-    (("_lr",), lambda v: v > 0.0, "a positive learning rate"),
-    (("gamma", "tau"), lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
-]
-
-
 def check_config(config) -> None:
     """Every setting, before any data is loaded: one `error:` line that names the setting and what is allowed."""
     for name, value in asdict(config).items():
-        rule = next((r for r in CHECKS if name.endswith(r[0])), None) if type(value) in (int, float) else None
+        rule = next((r for r in CHECKS if name.endswith(r[0])), None) if type(value) in (int, float, str) else None
         if rule is not None and not rule[1](value):
             raise SystemExit(f"error: --{name} {value!r} is not allowed: {rule[2]}")
-    device = re.fullmatch(r"(cpu|mps|cuda)(:\d+)?", config.device)
-    for name, bad, allowed in (("device", device is None, "cpu, cuda, cuda:N or mps"),
-                               ("wandb_mode", config.wandb_mode not in ("online", "offline", "disabled"),
-                                "online, offline or disabled")):
-        if bad:
-            raise SystemExit(f"error: --{name} {getattr(config, name)!r} is not allowed: {allowed}")
-    if device[1] == "cuda" and not torch.cuda.is_available():
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but CUDA is not available; pass --device cpu")
     for name in ("dataset_path", "flow_checkpoint", "vae_checkpoint"):
-        if getattr(config, name, None) is not None and not os.path.isfile(getattr(config, name)):
-            raise SystemExit(f"error: --{name} {getattr(config, name)} does not exist")
+        if (path := getattr(config, name, None)) is not None and not os.path.isfile(path):
+            raise SystemExit(f"error: --{name} {path} does not exist")
     data_source(config)  # an unknown --env is refused here, before any data is read
 
 
 def parse_config(config_class, argv: List[str]):
-    """tyro flags over an optional pyrallis YAML (--config_path F or --config_path=F): flags win over the file.
-    A --resume run starts from its own config.yaml (flags may still change it)."""
+    """tyro flags over an optional pyrallis YAML (--config_path F or =F); --resume starts from the run's config.yaml."""
     import tyro
-
     default = config_class()
     for i, arg in enumerate(argv):
         if arg.split("=")[0] in ("--config_path", "--config-path"):
@@ -1617,18 +1549,14 @@ def parse_config(config_class, argv: List[str]):
 
 def summarize(evaluations: List[Tuple[int, float]]) -> dict:
     scores = [score for _, score in evaluations]
-    return {"final_normalized_score": scores[-1] if scores else None,
-            "best_normalized_score": max(scores) if scores else None,
+    return {"final_normalized_score": (scores or [None])[-1], "best_normalized_score": max(scores, default=None),
             "last10_mean_normalized_score": float(np.mean(scores[-10:])) if scores else None,
             "evaluations": [{"step": step, "normalized_score": score} for step, score in evaluations]}
 
 
 @dataclass
 class Run:
-    """One run directory while it trains: config, data, checkpoint, logger, clocks (`elapsed()`: every part of a
-    resumed run), status.json (running, finished, interrupted or failed: a killed run stays 'running', dead pid),
-    evaluations (here, or in `eval_workers` processes) and polite stops (`steps`)."""
-
+    """A run directory while it trains; status.json: running, finished, interrupted or failed (a dead pid: killed)."""
     config: object
     data: OfflineData
     dir: Path
@@ -1646,13 +1574,10 @@ class Run:
 
     def elapsed(self) -> float:
         return time.time() - self.started
-
     def set_status(self, state: str) -> None:
         save_atomic({"state": state, "pid": os.getpid(), "host": socket.gethostname(), "phase": self.phase,
                      "step": self.step, "updated": time.time()}, self.dir / "status.json")
-
     def save_checkpoint(self, state: dict) -> None:
-        """Atomic checkpoint.pt with the RNG state and the run's wall time so far."""
         save_atomic({**state, "phase": self.phase, "step": self.step, "rng": rng_state(),
                      "elapsed_s": self.elapsed()}, self.dir / "checkpoint.pt")
         self.set_status("running")
@@ -1660,10 +1585,9 @@ class Run:
     def resume_agent(self, agent, buffer: "ReplayBuffer", checkpoint: Optional[dict]) -> Tuple[int, list]:
         """Phase 2 starts, from a phase-2 checkpoint if there is one; -> (last step done, evaluations)."""
         self.phase, evaluations, start, self.normalizer = "rl", [], 0, (buffer.state_mean, buffer.state_std)
+        pending = lambda: [(t, torch.frombuffer(bytearray(s), dtype=torch.uint8)) for t, s, _ in self.pending or []]
         self.checkpoint_state = lambda: {"agent": agent.state_dict(), "evaluations": evaluations,
-                                         "update_time_s": self.update_time, "pending_evaluations": [
-                                             (step, torch.frombuffer(bytearray(snapshot), dtype=torch.uint8))
-                                             for step, snapshot, _ in self.pending or []]}
+                                         "update_time_s": self.update_time, "pending_evaluations": pending()}
         if checkpoint is not None and checkpoint["phase"] == "rl":
             agent.load_state_dict(checkpoint["agent"])
             self.update_time, start = checkpoint["update_time_s"], checkpoint["step"]
@@ -1672,12 +1596,9 @@ class Run:
                 self.submit(step, snapshot.numpy().tobytes())
             set_rng_state(checkpoint["rng"])
         return start, evaluations
-
     def steps(self, start: int, total: int, desc: str):
-        """start + 1 .. total with a progress bar (not a terminal: a line every 30 s). A polite stop (Ctrl-C,
-        SIGTERM) asked for during a step is taken before the next: a checkpoint of the phase's state now."""
+        """start + 1 .. total with a progress bar (else a line every 30 s); a polite stop checkpoints between steps."""
         from tqdm import tqdm
-
         terminal, last_line = sys.stderr.isatty(), time.time()
         for step in tqdm(range(start + 1, total + 1), desc, total, initial=start, mininterval=5, disable=not terminal):
             if Run.stop_signal is not None and self.checkpoint_state is not None:
@@ -1689,19 +1610,15 @@ class Run:
             self.step = step
             yield step
         self.checkpoint_state = None
-
     def timed(self, update: Callable[[], dict]) -> dict:
-        tick = time.perf_counter()
-        metrics = update()
+        tick, metrics = time.perf_counter(), update()
         self.update_time += time.perf_counter() - tick
         return metrics
-
     def checkpoint_agent(self, agent, evaluations: list) -> None:
         """Every `checkpoint_every` steps (default: each evaluation) and at the end; with the pending evaluations."""
-        if self.step % (self.config.checkpoint_every or self.config.eval_every) == 0 or \
-                self.step == self.config.train_steps:
+        every = self.config.checkpoint_every or self.config.eval_every
+        if self.step % every == 0 or self.step == self.config.train_steps:
             self.save_checkpoint(self.checkpoint_state())
-
     def agent_results(self, evaluations: list) -> dict:
         self.collect(evaluations, keep=0)
         rate = self.config.train_steps / self.update_time if self.update_time > 0 else None
@@ -1709,31 +1626,23 @@ class Run:
 
     def note(self, message: str) -> None:
         __import__("tqdm").tqdm.write(message)
-
     def workers(self) -> int:
         """--eval_workers; by default 1 with 4+ cores (with fewer, a worker would take the training's core)."""
-        workers = self.config.eval_workers
-        return workers if workers is not None else int((os.cpu_count() or 1) >= 4)
-
+        return self.config.eval_workers if self.config.eval_workers is not None else int((os.cpu_count() or 1) >= 4)
     def evaluate(self, act: Callable[[torch.Tensor], torch.Tensor], buffer: "ReplayBuffer", evaluations: list) -> None:
-        """This step's evaluation: here (eval_workers 0), or by a worker process on a CPU copy of `act` while training
-        goes on (at most 2 per worker pending); each is logged at its step and appended to `evaluations` in order."""
-        config = self.config
+        """This step's evaluation: here (eval_workers 0) or in a worker process (at most 2 per worker pending)."""
         if self.workers():
             self.submit(self.step, policy_snapshot(act))
             return self.collect(evaluations, keep=2 * self.workers())
-        if config.compile and torch.device(config.device).type == "cuda":  # acting captured like the update
+        if self.config.compile and torch.device(self.config.device).type == "cuda":  # acting captured like the update
             act = torch.compile(act, mode="reduce-overhead")
         self.record(self.step, evaluate(self.data.make_eval_env, act, buffer.state_mean, buffer.state_std,
-                                        config.eval_episodes, config.seed, config.device), evaluations)
-
+                                        self.config.eval_episodes, self.config.seed, self.config.device), evaluations)
     def submit(self, step: int, snapshot: bytes) -> None:
         if self.pool is None:
             self.pool, self.pending = ProcessPoolExecutor(self.workers(), multiprocessing.get_context("spawn")), []
-        self.pending.append((step, snapshot, self.pool.submit(evaluate, self.data.make_eval_env, snapshot,
-                                                              *self.normalizer, self.config.eval_episodes,
-                                                              self.config.seed, "cpu")))
-
+        args = self.data.make_eval_env, snapshot, *self.normalizer, self.config.eval_episodes, self.config.seed, "cpu"
+        self.pending.append((step, snapshot, self.pool.submit(evaluate, *args)))
     def collect(self, evaluations: list, keep: int) -> None:
         """Record the finished evaluations in step order, waiting while more than `keep` are pending."""
         while self.pending and (len(self.pending) > keep or self.pending[0][2].done()):
@@ -1742,41 +1651,32 @@ class Run:
             except BrokenProcessPool as e:
                 raise SystemExit(f"error: an evaluation worker died ({e}); the run stopped at step {self.step} with "
                                  f"its last checkpoint kept: continue with python {sys.argv[0]} --resume "
-                                 f"{self.dir}") from None
+                                 f"{self.dir}")
             self.record(self.pending.pop(0)[0], returns, evaluations)
-
     def record(self, step: int, returns: np.ndarray, evaluations: list) -> None:
-        score, reference = float(np.mean(self.data.normalize_score(returns))), self.data.dataset_score
+        score, ref = float(np.mean(self.data.normalize_score(returns))), self.data.dataset_score
         self.logger.log({"eval/normalized_score": score, "eval/return": float(returns.mean())}, step=step)
-        self.note(f"step {step}  normalized {score:.1f}" + (f"  (dataset average {reference:.1f})" if reference
-                                                               is not None else ""))
+        self.note(f"step {step}  normalized {score:.1f}" + ("" if ref is None else f"  (dataset average {ref:.1f})"))
         evaluations.append((step, score))
-
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def start_run(config, data: OfflineData) -> Run:
-    """Check the evaluation env; make RUN_DIR (`<algo>-<data>-seed<s>-<time>`, one flat folder) or reopen --resume's,
-    with config.yaml, the run's exact config (pyrallis); load its checkpoint, seed, open the logger."""
-    import pyrallis
-
+    """Check the eval env; make RUN_DIR (`<algo>-<data>-seed<s>-<time>`) or reopen --resume's; config.yaml, seed."""
     torch.set_num_threads(config.cpu_threads or torch.get_num_threads())
     probe = data.make_eval_env(1)
     dims = probe.single_observation_space.shape[0], probe.single_action_space.shape[0]
     probe.close()
-    if dims != (data.observations.shape[1], data.actions.shape[1]):
-        raise SystemExit(f"error: the data has {data.observations.shape[1]}-dim observations and "
-                         f"{data.actions.shape[1]}-dim actions, the evaluation env {dims[0]} and {dims[1]}; "
-                         f"pass the matching --eval_env")
+    if dims != (want := (data.observations.shape[1], data.actions.shape[1])):
+        raise SystemExit(f"error: the data has {want[0]}-dim observations and {want[1]}-dim actions, the evaluation "
+                         f"env {dims[0]} and {dims[1]}; pass the matching --eval_env")
     flat = re.sub(r"[^A-Za-z0-9._-]+", "_", data.name)  # a Minari id's slashes
     run_dir = Path(config.resume or Path(config.checkpoints_path) / (
         config.run_name or f"{ALGORITHM}-{flat}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".config.yaml.tmp", "w") as f:
-        pyrallis.dump(config, f)
-    os.replace(run_dir / ".config.yaml.tmp", run_dir / "config.yaml")
+    save_atomic(__import__("pyrallis").dump(config), run_dir / "config.yaml")
     checkpoint = torch_load(run_dir / "checkpoint.pt") if (run_dir / "checkpoint.pt").exists() else None
     set_seed(config.seed)
     run = Run(config, data, run_dir, checkpoint, RunLogger(config, run_dir, checkpoint),
@@ -1805,17 +1705,14 @@ def finish_run(run: Run, results: dict) -> Path:
 
 
 def polite_stop(signum: int, frame) -> None:
-    """Ctrl-C, SIGTERM (Slurm, `docker stop`): stop after this step (`Run.steps`); where the phase cannot checkpoint
-    any step, or at a second signal, stop now (the last checkpoint stays)."""
-    run, first = Run.active, Run.stop_signal is None
-    Run.stop_signal = Run.stop_signal or signum
-    if not first or run is None or run.checkpoint_state is None:
+    """Ctrl-C, SIGTERM: stop after this step (`Run.steps`), or now where that cannot checkpoint or at a 2nd signal."""
+    first, Run.stop_signal = Run.stop_signal is None, Run.stop_signal or signum
+    if not first or Run.active is None or Run.active.checkpoint_state is None:
         raise KeyboardInterrupt
 
 
 def main(train: Callable, config_class) -> None:
-    """The command line: parse, train, print the results path. Ctrl-C and SIGTERM stop politely: a checkpoint,
-    status 'interrupted', the exact command that continues the run, exit status 130 (SIGINT) or 143 (SIGTERM)."""
+    """Parse, train, print the results path; a polite stop prints how to resume and exits 130 (SIGINT) or 143."""
     config = parse_config(config_class, sys.argv[1:])
     signal.signal(signal.SIGTERM, polite_stop)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored
@@ -1829,9 +1726,8 @@ def main(train: Callable, config_class) -> None:
             run.set_status("interrupted" if stopped else "failed")
         if not stopped:
             raise
-        print(f"\ninterrupted in {run.phase} at step {run.step}; continue with: python {sys.argv[0]} --resume "
-              f"{run.dir}" if run else "interrupted before the run directory existed; nothing to resume",
-              file=sys.stderr)
+        print(f"\ninterrupted in {run.phase} at step {run.step}; continue with: python {sys.argv[0]} --resume {run.dir}"
+              if run else "interrupted before the run directory existed; nothing to resume", file=sys.stderr)
         raise SystemExit(128 + (Run.stop_signal or signal.SIGINT)) from None
     print(f"results: {path}")
 

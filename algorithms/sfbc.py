@@ -30,16 +30,19 @@ planning round; the last one is the final policy's score (`final_normalized_scor
 every 5000 updates the last-10 mean also holds the first round's, unplanned, policy). Checkpoints: the behaviour
 phase writes checkpoint.pt every `checkpoint_every` (default `eval_every`) steps and RUN_DIR/behavior.pt at its
 end, the candidates go to RUN_DIR/candidates.pt, and the planning phase writes checkpoint.pt every
-`checkpoint_every` critic updates, at the end of every round and after every planning step; `--resume RUN_DIR`
-continues any phase bit-for-bit (tests/test_sfbc.py stops runs in each phase).
+`checkpoint_every` critic updates, at the end of every round and after every planning step (a polite stop, Ctrl-C
+or SIGTERM, at any step of both phases); `--resume RUN_DIR` continues any phase bit-for-bit (tests/test_sfbc.py
+stops runs in each phase).
 
 Cost at the official sizes on one H200 (tests/benchmarks/throughput.py): 199 behaviour steps/s eager, 529 with
 `--compile` (586k steps: about 18 minutes); 0.76M candidate actions/s (2.2M with `--amp`: a 1M-state dataset's
 16M candidates in 7 to 21 s); 2 x 24.5k critic updates at about 960/s; one evaluation step (32 candidates for
 each of 10 states) 14.7 ms eager, 6.8 ms with `--compile`, so a 1000-step evaluation takes 7 to 15 s.
 
-Data sources (`--env`, `--dataset_path`, bundled `*-gymv5` datasets), state normalisation and evaluation are
-cnf.py's (copied blocks; see cnf.py's docstring).
+Reading order: config, the four steps (behaviour model, sampler, planning, acting), the loop (`train`); then, below
+two banners, SfBC's extras (its settings' checks; the behaviour and planning phases' bookkeeping: resume, checkpoints,
+logged losses, rates) and the plumbing every file shares (data sources, state normalisation, evaluation). The
+experiment fields are cnf.py's, marked `# Copied from cnf.py: TrainConfig[experiment]` (tests/test_copies.py).
 
 Where the official code is silent, and deliberate deviations from it:
 - Episodes come from the shared q-learning conversion, which drops each timeout row (the official code keeps
@@ -66,26 +69,35 @@ Where the official code is silent, and deliberate deviations from it:
   the official model builds two and uses the first). No target network: the targets are fixed per round.
 - Evaluation every `eval_every` critic updates: 5000, the CNF paper's protocol (its per-dataset YAMLs: every 100
   on HalfCheetah, checkpoints every 5000), not the official every 5 epochs (about 1225 updates); 10 episodes seeded
-  by --seed (official: 10 while training the critic, seeded seed + 1001 + i).
+  by --seed (official: 10 while training the critic, seeded seed + 1001 + i); acting draws its noise from a stream
+  seeded by --seed too, apart from training's (the shared `evaluate`), so evaluations never change the training.
 - `--amp`: bfloat16 matmuls in the hidden layers of the score network and the critic (output layers float32).
-  `--compile`: the behaviour step, the critic update and the whole acting step (15 solver evaluations, critic,
-  selection) go through torch.compile (CUDA graphs on a GPU); candidate generation stays eager (it is
-  compute-bound).
+  `--compile`: the behaviour step and the critic update go through torch.compile, on a GPU (CUDA graphs) the whole
+  acting step too (15 solver evaluations, critic, selection; compiled by the shared evaluation); candidate
+  generation stays eager (it is compute-bound).
 """
 
 import copy
+import functools
+import hashlib
+import importlib.util
+import io
 import json
 import math
+import multiprocessing
 import os
 import pickle
 import random
 import re
+import signal
 import socket
 import subprocess
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -123,11 +135,12 @@ class TrainConfig:
     eval_candidates: int = 32  # behaviour actions sampled per state when acting
     select_alpha: float = 100.0  # selection probabilities softmax(alpha Q) over the candidates
     select_count: Optional[int] = None  # candidates drawn without replacement, averaged (default: 4 locomotion, else 1)
-    # --- schedule (the experiment's shared fields follow) ---
+    # --- schedule ---
     train_steps: int = 586_000  # behaviour-model steps (official: 600 epochs of 4M samples at batch 4096)
     batch_size: int = 4096  # batch of the behaviour model and of the critic (official: 4096 both)
     eval_every: int = 5_000  # critic updates between evaluations (and at the end of every planning round)
-    # ---- [block: experiment config | copied from cnf.py] ----
+    # Copied from cnf.py: TrainConfig[experiment]
+    # --- experiment: the fields every algorithm file shares ---
     env: str = "halfcheetah-medium-gymv5"  # D4RL name (halfcheetah-medium-v2, ...) or bundled dataset name
     dataset_path: Optional[str] = None  # any D4RL-format HDF5 file; overrides --env
     eval_env: Optional[str] = None  # Gymnasium id to evaluate in (default: from the data source)
@@ -135,6 +148,7 @@ class TrainConfig:
     cpu_threads: Optional[int] = None  # torch CPU threads (default: torch's, one per core)
     seed: int = 0  # seeds python, numpy, torch and the evaluation envs
     eval_episodes: int = 10  # episodes per evaluation, stepped together in a vector env
+    eval_workers: Optional[int] = None  # evaluation processes beside training (0: in it; default 1 with 4+ cores)
     log_every: int = 1_000  # updates between logged losses (the only host syncs of the loop)
     checkpoint_every: Optional[int] = None  # updates between checkpoints (default: at every evaluation)
     amp: bool = False  # bfloat16 matmuls in hidden layers (CPU AMX / GPU tensor cores); outputs stay float32
@@ -145,7 +159,6 @@ class TrainConfig:
     config_path: Optional[str] = None  # YAML (pyrallis) with values for any field; flags override it
     wandb_mode: str = "offline"  # online | offline | disabled
     wandb_project: str = "cnf"  # wandb project
-    # ---- [end block: experiment config] ----
 
 
 # %% 1. Behaviour model: a_t = alpha_t a + sigma_t eps, eps_theta(a_t, t, s) ~ eps
@@ -467,68 +480,32 @@ class SfBC:
 
 
 # %% The loop: behaviour model, candidates, planning rounds with evaluations
-def check_sfbc_config(config: TrainConfig) -> None:
-    """SfBC's own settings (the shared ones are checked by `check_config`): one error line each."""
-    problems = [
-        (not config.score_widths or min(config.score_widths) < 1, "--score_widths must be positive widths"),
-        (config.solver_order not in (1, 2, 3), "--solver_order must be 1, 2 or 3"),
-        (config.solver_steps < 1, "--solver_steps must be at least 1"),
-        (not 0.0 < config.solver_t_end < 1.0, "--solver_t_end must lie in (0, 1)"),
-        (config.planning_rounds < 1 or config.critic_steps < 1, "--planning_rounds and --critic_steps must be >= 1"),
-        (config.planning_candidates < 1 or config.eval_candidates < 1, "candidate counts must be at least 1"),
-        (config.planning_states is not None and config.planning_states < 1, "--planning_states must be at least 1"),
-        (config.select_count is not None and not 1 <= config.select_count <= config.eval_candidates,
-         "--select_count must lie in [1, --eval_candidates]"),
-        (config.sampler_batch < 1, "--sampler_batch must be at least 1"),
-    ]
-    for bad, message in problems:
-        if bad:
-            raise SystemExit(f"error: {message}")
-
-
-def train_behavior(config: TrainConfig, buffer: "ReplayBuffer", trainer: BehaviorTrainer,
-                   run: "Run") -> Optional[float]:
-    """Step 1 for `train_steps` steps, checkpointed every `eval_every`; writes RUN_DIR/behavior.pt.
-    Returns the steps per second of this process (None if it ran none)."""
-    from tqdm import trange
-
-    start, run.phase = 0, "behavior"
-    if run.checkpoint is not None and run.checkpoint["phase"] == "behavior":
-        trainer.load_state_dict(run.checkpoint["behavior"])
-        start = run.checkpoint["step"]
-        set_rng_state(run.checkpoint["rng"])  # the resumed run draws the batches the uninterrupted one would
+def train_behavior(config: TrainConfig, buffer: "ReplayBuffer", sde: VPSDE,
+                   run: "Run") -> Tuple[ScoreNetwork, Optional[float]]:
+    """Step 1: the denoising loss for `train_steps` steps on batches drawn with replacement. -> (the model, frozen,
+    also written to RUN_DIR/behavior.pt; the steps per second of this process, None if it ran none)."""
+    behavior = ScoreNetwork(buffer.actions.shape[1], buffer.states.shape[1], config.score_widths, config.amp)
+    trainer = BehaviorTrainer(behavior.to(config.device), sde, config)
+    progress = BehaviorProgress.start(run, trainer)  # a resumed run continues from its checkpoint (below)
 
     def behavior_step() -> torch.Tensor:
         idx = torch.randint(0, buffer.size, (config.batch_size,), device=buffer.device)
         return trainer.train(buffer.states[idx], buffer.actions[idx])["behavior/loss"]
 
     update = compiled(behavior_step, config)
-    loss, since_log, busy = torch.zeros((), device=config.device), 0, 0.0  # summed on the device: no sync per step
-    for step in trange(start + 1, config.train_steps + 1, desc="1. behaviour model", initial=start,
-                       total=config.train_steps, mininterval=5):
-        run.step = step
-        tick = time.perf_counter()
-        loss += update()
-        busy += time.perf_counter() - tick
-        since_log += 1
-        if step % config.log_every == 0:
-            run.logger.log({"behavior/loss": loss.item() / since_log}, step, "behavior")
-            loss, since_log = loss.zero_(), 0
-        if step % (config.checkpoint_every or config.eval_every) == 0 or step == config.train_steps:
-            run.save_checkpoint({"behavior": trainer.state_dict()})
-    save_atomic({"model": trainer.model.state_dict(), "sizes": trainer.model.describe(), "rng": rng_state(),
-                 "state_mean": torch.from_numpy(buffer.state_mean), "state_std": torch.from_numpy(buffer.state_std)},
-                run.dir / "behavior.pt")
-    return (config.train_steps - start) / busy if busy > 0 else None
+    for _ in progress.steps(config.train_steps):  # none once RUN_DIR/behavior.pt exists
+        progress.add(update)  # one step, timed; its loss logged every `log_every` steps, checkpoints
+    return progress.frozen_model(buffer), progress.rate()
 
 
 def generate_candidates(config: TrainConfig, buffer: "ReplayBuffer", behavior: ScoreNetwork, sde: VPSDE,
-                        run: "Run") -> Tuple[dict, float]:
+                        run: "Run") -> Tuple[dict, Optional[float]]:
     """Step 3's cache: `planning_candidates` behaviour actions for every planning state, in sampler passes of
     `sampler_batch` actions; written to RUN_DIR/candidates.pt. -> (cache, candidate actions per second)."""
+    if (run.dir / "candidates.pt").exists():  # a resumed run's, with the RNG state after it
+        return cached_candidates(run), None
     from tqdm import tqdm
 
-    set_rng_state(torch_load(run.dir / "behavior.pt")["rng"])  # as the uninterrupted run after step 1
     if config.planning_states is None or config.planning_states >= buffer.size:
         indices = torch.arange(buffer.size)
     else:
@@ -561,99 +538,215 @@ def plan(critic: Critic, buffer: "ReplayBuffer", cache: dict, rewards: np.ndarra
 
 def train(config: TrainConfig) -> Path:
     """Steps 1-4: behaviour model, candidates, planning rounds with evaluations; returns results.json's path."""
-    from tqdm import trange
-
     check_sfbc_config(config)
     data = load_offline_data(config)
     run = start_run(config, data)
     buffer = ReplayBuffer(data, config.device)
-    state_dim, action_dim = buffer.states.shape[1], buffer.actions.shape[1]
     sde = VPSDE(config.beta_min, config.beta_max)
-    rates = {"behavior_steps_per_s": None, "candidate_actions_per_s": None, "critic_updates_per_s": None}
-
-    # Step 1: the behaviour model (skipped once RUN_DIR/behavior.pt exists).
-    behavior = ScoreNetwork(action_dim, state_dim, config.score_widths, config.amp).to(config.device)
-    if not (run.dir / "behavior.pt").exists():
-        rates["behavior_steps_per_s"] = train_behavior(config, buffer, BehaviorTrainer(behavior, sde, config), run)
-    behavior.load_state_dict(torch_load(run.dir / "behavior.pt")["model"])
-    behavior.eval().requires_grad_(False)
-
-    # Step 3's cache: behaviour candidates for the dataset states, sampled once (skipped once candidates.pt exists).
-    if (run.dir / "candidates.pt").exists():
-        cache = torch_load(run.dir / "candidates.pt")
-    else:
-        cache, rates["candidate_actions_per_s"] = generate_candidates(config, buffer, behavior, sde, run)
+    behavior, behavior_rate = train_behavior(config, buffer, sde, run)  # step 1
+    cache, candidate_rate = generate_candidates(config, buffer, behavior, sde, run)  # step 3's cache
 
     # Step 3: in-sample planning; round 0 fits the Monte-Carlo returns, every later round planned targets.
     rewards, ends = data.rewards, episode_ends(data)
-    resumed = run.checkpoint if run.checkpoint is not None and run.checkpoint["phase"] == "rl" else None
-    run.phase = "rl"  # the RL phase of the shared plumbing: logs and checkpoints count critic updates
-    if resumed is None:
-        set_rng_state(cache["rng"])  # as the uninterrupted run after the cache
-    critic = Critic(state_dim, action_dim, config.critic_hidden, config.amp).to(config.device)
-    critic_trainer = CriticTrainer(critic, config)
+    critic = Critic(buffer.states.shape[1], buffer.actions.shape[1], config.critic_hidden, config.amp)
+    critic_trainer = CriticTrainer(critic.to(config.device), config)
+    progress = PlanningProgress.start(run, critic_trainer, buffer, rewards, ends)  # or a resumed run's (below)
     select_count = config.select_count or (4 if LOCOMOTION_NAME.match(data.name) else 1)
     agent = SfBC(behavior, critic, sde, config, select_count)
-    act = compiled(agent.act, config)  # --compile: a whole acting step (solver, critic, selection) as one graph
-    if resumed is None:
-        targets, return_mean, return_std = normalize_returns(planned_returns(rewards, ends, config.gamma))
-        round_start, step_start, evaluations, critic_time = 0, 0, [], 0.0
-        run.logger.log({"planning/return_mean": return_mean, "planning/return_std": return_std}, 0)
-    else:
-        critic_trainer.load_state_dict(resumed["critic"])
-        targets, return_mean, return_std = resumed["targets"].numpy(), resumed["return_mean"], resumed["return_std"]
-        round_start, step_start, critic_time = resumed["round"], resumed["round_step"], resumed["critic_time_s"]
-        evaluations = [tuple(e) for e in resumed["evaluations"]]
-        set_rng_state(resumed["rng"])
-    targets_device = torch.as_tensor(targets, device=config.device)[:, None]  # [N, 1]
-
-    def save(round_: int, round_step: int) -> None:
-        run.save_checkpoint({"round": round_, "round_step": round_step, "critic": critic_trainer.state_dict(),
-                             "targets": torch.from_numpy(targets), "return_mean": return_mean,
-                             "return_std": return_std, "evaluations": evaluations, "critic_time_s": critic_time})
 
     def critic_step() -> Dict[str, torch.Tensor]:
         idx = torch.randint(0, buffer.size, (config.batch_size,), device=buffer.device)
-        return critic_trainer.train(buffer.states[idx], buffer.actions[idx], targets_device[idx])
+        return critic_trainer.train(buffer.states[idx], buffer.actions[idx], progress.targets[idx])
 
     update = compiled(critic_step, config)
-    for round_ in range(round_start, config.planning_rounds):
-        offset = round_ * config.critic_steps  # steps count critic updates over all rounds
-        for step in trange(step_start + 1, config.critic_steps + 1, desc=f"3. critic, round {round_ + 1}",
-                           initial=step_start, total=config.critic_steps, mininterval=5):
-            run.step = offset + step
-            tick = time.perf_counter()
-            metrics = update()
-            critic_time += time.perf_counter() - tick
+    for round_ in range(progress.round, config.planning_rounds):
+        for step in progress.steps(round_):  # the round's critic updates; run.step counts them over all rounds
+            metrics = run.timed(update)
             if step % config.log_every == 0:
                 run.logger.log({k: v.item() for k, v in metrics.items()}, run.step)
             if step % config.eval_every == 0 or step == config.critic_steps:
-                evaluations.append((run.step, run.evaluate(act, buffer)))  # step 4: acting
-            if step % (config.checkpoint_every or config.eval_every) == 0 or step == config.critic_steps:
-                save(round_, step)
-        step_start = 0
+                run.evaluate(agent.act, buffer, progress.evaluations)  # step 4: acting, here or in a worker process
+            progress.checkpoint(step)  # every `checkpoint_every` updates and at the round's end
         if round_ + 1 < config.planning_rounds:  # plan, then restart the critic from its initial weights
-            targets, return_mean, return_std, v_won = plan(critic, buffer, cache, rewards, ends, return_mean,
-                                                           return_std, config)
-            targets_device = torch.as_tensor(targets, device=config.device)[:, None]
+            planned = plan(critic, buffer, cache, rewards, ends, progress.return_mean, progress.return_std, config)
             critic_trainer.reset()
-            run.logger.log({"planning/return_mean": return_mean, "planning/return_std": return_std,
-                            "planning/v_won_fraction": v_won}, run.step)
-            run.note(f"planning step {round_ + 1}: V(s) raised the target at {100 * v_won:.1f}% of the states")
-            save(round_ + 1, 0)
-    rates["critic_updates_per_s"] = config.planning_rounds * config.critic_steps / critic_time if critic_time else None
-    return finish_run(run, {**summarize(evaluations), "planning_rounds": config.planning_rounds,
-                            "critic_steps": config.critic_steps, "select_count": select_count, **rates})
+            progress.planned(round_ + 1, *planned)  # logged and checkpointed
+    return finish_run(run, {**progress.results(), "planning_rounds": config.planning_rounds,
+                            "critic_steps": config.critic_steps, "select_count": select_count,
+                            "behavior_steps_per_s": behavior_rate, "candidate_actions_per_s": candidate_rate})
+
+
+# ==== SfBC extras: its settings' checks, the behaviour phase's and the planning phase's bookkeeping (resume,
+# checkpoints, logged losses, rates) ====
+
+
+def check_sfbc_config(config: TrainConfig) -> None:
+    """SfBC's own settings (the shared ones are checked by `check_config`): one error line each."""
+    problems = [
+        (not config.score_widths or min(config.score_widths) < 1, "--score_widths must be positive widths"),
+        (config.solver_order not in (1, 2, 3), "--solver_order must be 1, 2 or 3"),
+        (config.solver_steps < 1, "--solver_steps must be at least 1"),
+        (not 0.0 < config.solver_t_end < 1.0, "--solver_t_end must lie in (0, 1)"),
+        (config.planning_rounds < 1 or config.critic_steps < 1, "--planning_rounds and --critic_steps must be >= 1"),
+        (config.planning_candidates < 1 or config.eval_candidates < 1, "candidate counts must be at least 1"),
+        (config.planning_states is not None and config.planning_states < 1, "--planning_states must be at least 1"),
+        (config.select_count is not None and not 1 <= config.select_count <= config.eval_candidates,
+         "--select_count must lie in [1, --eval_candidates]"),
+        (config.sampler_batch < 1, "--sampler_batch must be at least 1"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise SystemExit(f"error: {message}")
+
+
+class BehaviorProgress:
+    """Step 1's bookkeeping for `train_behavior`: resume from a behaviour checkpoint (nothing to do once
+    RUN_DIR/behavior.pt exists), the logged loss (summed on the device: no sync per step), a checkpoint every
+    `checkpoint_every` (default `eval_every`) steps and at the end, RUN_DIR/behavior.pt, the steps per second."""
+
+    def __init__(self, run: "Run", trainer: BehaviorTrainer):
+        self.run, self.trainer, self.config = run, trainer, run.config
+        self.done, self.first, self.busy = (run.dir / "behavior.pt").exists(), 0, 0.0
+        self.loss, self.since_log = torch.zeros((), device=self.config.device), 0
+
+    @classmethod
+    def start(cls, run: "Run", trainer: BehaviorTrainer) -> "BehaviorProgress":
+        progress, checkpoint = cls(run, trainer), run.checkpoint
+        if not progress.done:
+            run.phase = "behavior"
+            run.checkpoint_state = lambda: {"behavior": trainer.state_dict()}  # a polite stop checkpoints any step
+            if checkpoint is not None and checkpoint["phase"] == "behavior":
+                trainer.load_state_dict(checkpoint["behavior"])
+                progress.first = checkpoint["step"]
+                set_rng_state(checkpoint["rng"])  # the resumed run draws the batches the uninterrupted one would
+        return progress
+
+    def steps(self, total: int):
+        if not self.done:
+            yield from self.run.steps(self.first, total, "1. behaviour model")
+
+    def add(self, update: Callable[[], torch.Tensor]) -> None:
+        tick = time.perf_counter()
+        self.loss += update()
+        self.busy += time.perf_counter() - tick
+        self.since_log += 1
+        run, config, step = self.run, self.config, self.run.step
+        if step % config.log_every == 0:
+            run.logger.log({"behavior/loss": self.loss.item() / self.since_log}, step, "behavior")
+            self.loss, self.since_log = self.loss.zero_(), 0
+        if step % (config.checkpoint_every or config.eval_every) == 0 or step == config.train_steps:
+            run.save_checkpoint({"behavior": self.trainer.state_dict()})
+
+    def frozen_model(self, buffer: "ReplayBuffer") -> ScoreNetwork:
+        """The model of RUN_DIR/behavior.pt (written here after training), and the RNG state after step 1."""
+        model, path = self.trainer.model, self.run.dir / "behavior.pt"
+        if not self.done:
+            save_atomic({"model": model.state_dict(), "sizes": model.describe(), "rng": rng_state(),
+                         "state_mean": torch.from_numpy(buffer.state_mean),
+                         "state_std": torch.from_numpy(buffer.state_std)}, path)
+        saved = torch_load(path)
+        model.load_state_dict(saved["model"])
+        set_rng_state(saved["rng"])  # a resumed run continues as the uninterrupted one after step 1
+        return model.eval().requires_grad_(False)
+
+    def rate(self) -> Optional[float]:
+        return (self.config.train_steps - self.first) / self.busy if self.busy > 0 else None
+
+
+def cached_candidates(run: "Run") -> dict:
+    """RUN_DIR/candidates.pt of a resumed run, and the RNG state after it (the uninterrupted run's)."""
+    cache = torch_load(run.dir / "candidates.pt")
+    set_rng_state(cache["rng"])
+    return cache
+
+
+class PlanningProgress:
+    """Step 3's bookkeeping for `train`: the critic's targets (normalised, [N, 1] on the device) with their mean and
+    std, the round and its last critic update done, the evaluations. A resumed run continues from them
+    (`Run.resume_agent`: evaluations still pending in a worker too); checkpoints every `checkpoint_every` (default
+    `eval_every`) critic updates, at every round's end and after every planning step."""
+
+    def __init__(self, run: "Run", trainer: CriticTrainer):
+        self.run, self.trainer, self.config = run, trainer, run.config
+        self.round, self.round_step, self.evaluations = 0, 0, []
+
+    @classmethod
+    def start(cls, run: "Run", trainer: CriticTrainer, buffer: "ReplayBuffer", rewards: np.ndarray,
+              ends: np.ndarray) -> "PlanningProgress":
+        progress = cls(run, trainer)
+        if run.checkpoint is None or run.checkpoint["phase"] != "rl":  # round 0: the Monte-Carlo returns
+            progress.set_targets(*normalize_returns(planned_returns(rewards, ends, run.config.gamma)))
+            run.logger.log({"planning/return_mean": progress.return_mean,
+                            "planning/return_std": progress.return_std}, 0)
+        _, progress.evaluations = run.resume_agent(progress, buffer, run.checkpoint)  # load_state_dict if resumed
+        progress.state = run.checkpoint_state  # the checkpoint's contents; Run.steps forgets it at a round's end
+        return progress
+
+    def set_targets(self, targets: np.ndarray, mean: float, std: float) -> None:
+        self.targets = torch.as_tensor(targets, device=self.config.device)[:, None]  # [N, 1]
+        self.return_mean, self.return_std = mean, std
+
+    def steps(self, round_: int):
+        """The round's critic updates 1 .. critic_steps after the last one done; run.step counts over all rounds."""
+        offset, self.run.checkpoint_state = round_ * self.config.critic_steps, self.state
+        for step in self.run.steps(offset + self.round_step, offset + self.config.critic_steps,
+                                   f"3. critic, round {round_ + 1}"):
+            yield step - offset
+
+    def checkpoint(self, step: int) -> None:
+        self.round_step = step
+        if step % (self.config.checkpoint_every or self.config.eval_every) == 0 or step == self.config.critic_steps:
+            self.run.save_checkpoint(self.state())
+
+    def planned(self, round_: int, targets: np.ndarray, mean: float, std: float, v_won: float) -> None:
+        """A planning step's new targets for round `round_` (logged, checkpointed)."""
+        self.set_targets(targets, mean, std)
+        self.round, self.round_step = round_, 0
+        self.run.logger.log({"planning/return_mean": mean, "planning/return_std": std,
+                             "planning/v_won_fraction": v_won}, self.run.step)
+        self.run.note(f"planning step {round_}: V(s) raised the target at {100 * v_won:.1f}% of the states")
+        self.run.save_checkpoint(self.state())
+
+    def state_dict(self) -> dict:
+        return {"round": self.round, "round_step": self.round_step, "critic": self.trainer.state_dict(),
+                "targets": self.targets[:, 0].cpu(), "return_mean": self.return_mean, "return_std": self.return_std}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trainer.load_state_dict(state["critic"])
+        self.set_targets(state["targets"].numpy(), state["return_mean"], state["return_std"])
+        self.round, self.round_step = state["round"], state["round_step"]
+
+    def results(self) -> dict:
+        self.run.collect(self.evaluations, keep=0)  # the evaluations still in a worker
+        seconds, updates = self.run.update_time, self.config.planning_rounds * self.config.critic_steps
+        return {**summarize(self.evaluations), "critic_updates_per_s": updates / seconds if seconds else None}
 
 
 # ==== Plumbing shared by every algorithm file (copied from cnf.py; tests/test_copies.py keeps it identical) ====
 # Nothing below is part of the algorithm: data sources, evaluation, checkpoints, logging, config parsing.
 
-
-# ---- [block: d4rl names | copied from cnf.py] ----
 D4RL_LOCOMOTION = re.compile(r"^(halfcheetah|hopper|walker2d)-"
                              r"(random|medium|medium-replay|medium-expert|expert|full-replay)-v2$")
 D4RL_MAZE2D = re.compile(r"^maze2d-(umaze|medium|large)-v1$")
+D4RL_REF_SCORES = {  # D4RL's (random, expert) returns: normalised score = 100 (R - min) / (max - min)
+    "halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3),
+    "maze2d-umaze": (23.85, 161.86), "maze2d-medium": (13.13, 277.39), "maze2d-large": (6.7, 273.99),
+}
+GYMNASIUM_IDS = {"halfcheetah": "HalfCheetah", "hopper": "Hopper", "walker2d": "Walker2d"}
+BUNDLED = re.compile(r"^(halfcheetah|hopper|walker2d)-(random|medium|medium-replay|expert|medium-expert)-gymv5$")
+MINARI_ID = re.compile(r"^[\w.-]+(/[\w.-]+)*/[\w.-]+-v\d+$")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHECKS = [  # check_config's rules, by a field's name: (the names, the test a value must pass, what is allowed)
+    (("train_steps",), lambda v: v >= 1, "at least 1 update"),
+    (("_steps", "_patience", "_workers"), lambda v: v >= 0, "0 or more"),
+    (("_every", "_episodes", "batch_size", "_layers", "_hidden", "hidden_dim", "cpu_threads"), lambda v: v >= 1,
+     "a whole number, at least 1"),
+    (("_fraction",), lambda v: 0.0 < v < 1.0, "a fraction strictly between 0 and 1"),
+    (("_lr",), lambda v: v > 0.0, "a positive learning rate"),
+    (("gamma", "tau"), lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
+    (("device",), lambda v: re.fullmatch(r"(cpu|mps|cuda)(:\d+)?", v), "cpu, cuda, cuda:N or mps"),
+    (("wandb_mode",), lambda v: v in ("online", "offline", "disabled"), "online, offline or disabled"),
+]
 
 
 def d4rl_filename(name: str) -> str:
@@ -662,402 +755,266 @@ def d4rl_filename(name: str) -> str:
         return name.replace("-v1", "-sparse-v1") + ".hdf5"
     env, level = name[: -len("-v2")].split("-", 1)
     return f"{env}_{level.replace('-', '_')}-v2.hdf5"
-# ---- [end block: d4rl names] ----
-
-
-# ---- [block: d4rl scores | copied from cnf.py] ----
-D4RL_REF_SCORES = {  # D4RL's (random, expert) returns: normalised score = 100 (R - min) / (max - min)
-    "halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3),
-    "maze2d-umaze": (23.85, 161.86), "maze2d-medium": (13.13, 277.39), "maze2d-large": (6.7, 273.99),
-}
-GYMNASIUM_IDS = {"halfcheetah": "HalfCheetah", "hopper": "Hopper", "walker2d": "Walker2d"}
-# ---- [end block: d4rl scores] ----
-
-
-# ---- [block: data | copied from cnf.py] ----
-# Data sources (`--env`, `--dataset_path`), in the order they are tried:
-# 1. `--dataset_path FILE`: any D4RL-format HDF5 file; evaluation env from `--eval_env` or from the
-#    file's `env` attribute; scores normalised with the file's `ref_min_score`/`ref_max_score`
-#    attributes (or D4RL's table when the file name is a D4RL one).
-# 2. `--env <d4rl name>` with d4rl importable (the Docker image): `gym.make(name).get_dataset()`,
-#    evaluation in d4rl's own env, `d4rl.get_normalized_score`.
-# 3. `--env <d4rl name>` without d4rl: the HDF5 file d4rl would have cached, read from
-#    `$D4RL_DATASET_DIR` (default ~/.d4rl/datasets; get it with `python data/download_d4rl.py NAME`),
-#    evaluated in Gymnasium's *v4* MuJoCo env: the v2 files were collected with gym's v2 classes, and
-#    v4 is the modern env with the same observations, rewards and termination (v5 changes Hopper's
-#    terminal reward and Walker2d's foot friction). maze2d has no Gymnasium twin: it needs d4rl.
-# 4. `--env <bundled name>` (`<env>-<level>-gymv5`, default `halfcheetah-medium-gymv5`): a dataset
-#    generated by data/generate.py from a policy shipped in data/policies/, into `$CNF_DATA_DIR`
-#    (default ~/.cache/cnf/datasets) on first use, then reused.
-# 5. `--env <Minari id>` (`mujoco/halfcheetah/medium-v0`, ...: any id with a '/'): a dataset in local
-#    Minari storage (`$MINARI_DATASETS_PATH`, default ~/.minari/datasets), read offline with `minari`;
-#    episodes become D4RL's layout (terminations -> terminals, truncations -> timeouts), evaluation
-#    runs in the dataset's own env (`recover_environment(eval_env=True)`), scores are Minari's
-#    normalised scores where the dataset has reference scores, else raw returns (results.json says which).
-BUNDLED = re.compile(r"^(halfcheetah|hopper|walker2d)-(random|medium|medium-replay|expert|medium-expert)-gymv5$")
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
 class OfflineData:
     """Transitions after D4RL's q-learning conversion, plus how to evaluate and score on them."""
-
     name: str
     observations: np.ndarray  # [N, obs_dim] float32
     actions: np.ndarray  # [N, act_dim] float32, inside [-1, 1]
     rewards: np.ndarray  # [N] float32
     next_observations: np.ndarray  # [N, obs_dim] float32
     dones: np.ndarray  # [N] float32, 1 where the episode terminated (not timed out)
-    make_eval_env: Callable[[int], object]  # num_envs -> vector env
+    make_eval_env: Callable[[int], object]  # num_envs -> vector env (picklable: workers make their own)
     normalize_score: Callable[[np.ndarray], np.ndarray]  # episode returns -> 100 x normalised
     dataset_score: Optional[float] = None  # mean normalised return of the data's whole episodes
     score: str = "normalized: 100 (R - random) / (expert - random), D4RL's reference returns"
 
 
 def qlearning_dataset(raw: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """D4RL's `qlearning_dataset`: next observation = the next row; rows whose `timeouts` is set
-    (the last step of an episode cut by the time limit) are dropped, terminal rows are kept with
-    done = 1, and the file's last row is dropped (it has no next row)."""
-    n = len(raw["rewards"])
-    keep = np.flatnonzero(~raw["timeouts"][: n - 1].astype(bool))
-    return {
-        "observations": raw["observations"][keep],
-        "actions": raw["actions"][keep],
-        "rewards": raw["rewards"][keep],
-        "next_observations": raw["observations"][keep + 1],
-        "dones": raw["terminals"][keep].astype(np.float32),
-    }
+    """D4RL's `qlearning_dataset`: next observation = the next row; timeout rows and the last row are dropped."""
+    keep = np.flatnonzero(~raw["timeouts"][: len(raw["rewards"]) - 1].astype(bool))
+    return {"observations": raw["observations"][keep], "actions": raw["actions"][keep], "rewards": raw["rewards"][keep],
+            "next_observations": raw["observations"][keep + 1], "dones": raw["terminals"][keep].astype(np.float32)}
 
 
 def episode_returns(raw: Dict[str, np.ndarray]) -> np.ndarray:
     """Returns of the data's whole episodes (those that end with a terminal or a timeout row)."""
     ends = np.flatnonzero(np.asarray(raw["terminals"], bool) | np.asarray(raw["timeouts"], bool))
-    sums = np.add.reduceat(np.asarray(raw["rewards"], np.float64), np.r_[0, ends[:-1] + 1]) if len(ends) else []
-    return np.asarray(sums, dtype=np.float64)
+    return np.add.reduceat(np.asarray(raw["rewards"], float), np.r_[0, ends[:-1] + 1]) if len(ends) else np.zeros(0)
 
 
 def read_hdf5(path: str) -> Dict[str, np.ndarray]:
-    import h5py
-
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: dataset file {path} does not exist; check the path "
-                         f"(D4RL files: python data/download_d4rl.py NAME)")
     try:
-        with h5py.File(path, "r") as f:
-            missing = [k for k in ("observations", "actions", "rewards", "terminals", "timeouts") if k not in f]
-            if missing:
+        with __import__("h5py").File(path, "r") as f:
+            keys = ("observations", "actions", "rewards", "terminals", "timeouts")
+            if missing := [k for k in keys if k not in f]:
                 raise SystemExit(f"error: {path} lacks the D4RL keys {missing}; see data/README.md for the format")
-            raw = {k: f[k][:] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
-            raw["attrs"] = dict(f.attrs)
+            return {**{k: f[k][:] for k in keys}, "attrs": dict(f.attrs), "path": path}
     except OSError as e:
         raise SystemExit(f"error: {path} is not a readable HDF5 file ({e}); download or generate it again") from None
-    return raw
 
 
 def check_dataset(raw: Dict[str, np.ndarray], source: str) -> Dict[str, np.ndarray]:
-    """Shapes, NaNs and the action box, each with a message that says what to do."""
-    obs, act = np.asarray(raw["observations"]), np.asarray(raw["actions"])
-    n = len(obs)
+    obs, act, n = np.asarray(raw["observations"]), np.asarray(raw["actions"]), len(raw["observations"])
     if obs.ndim != 2 or act.ndim != 2 or n == 0:
         raise SystemExit(f"error: {source}: observations and actions must be 2-D [N, dim] arrays, "
                          f"got {obs.shape} and {act.shape}")
-    for key in ("actions", "rewards", "terminals", "timeouts"):
-        if len(raw[key]) != n:
-            raise SystemExit(f"error: {source}: '{key}' has {len(raw[key])} rows but observations have {n}")
+    if key := next((k for k in ("actions", "rewards", "terminals", "timeouts") if len(raw[k]) != n), None):
+        raise SystemExit(f"error: {source}: '{key}' has {len(raw[key])} rows but observations have {n}")
     for key in ("observations", "actions", "rewards"):
-        bad = ~np.isfinite(np.asarray(raw[key]).reshape(n, -1)).all(axis=1)
-        if bad.any():
+        if (bad := ~np.isfinite(np.asarray(raw[key]).reshape(n, -1)).all(axis=1)).any():
             raise SystemExit(f"error: {source}: {bad.sum()} rows of '{key}' hold NaN or inf "
                              f"(first: row {np.flatnonzero(bad)[0]}); remove or repair them")
-    worst = np.abs(act).max()
-    if worst > 1.0 + 1e-4:
-        row = np.flatnonzero(np.abs(act).max(axis=1) > 1.0 + 1e-4)[0]
-        raise SystemExit(f"error: {source}: actions must lie in [-1, 1] (max |a| = {worst:.4g}, row {row}); "
-                         f"rescale them to the env's action box first")
-    raw["observations"] = obs.astype(np.float32)
-    raw["actions"] = np.clip(act, -1.0, 1.0).astype(np.float32)
-    raw["rewards"] = np.asarray(raw["rewards"], dtype=np.float32)
-    return raw
+    if (rows := np.flatnonzero(np.abs(act).max(axis=1) > 1.0 + 1e-4)).size:
+        raise SystemExit(f"error: {source}: actions must lie in [-1, 1] (max |a| = {np.abs(act).max():.4g}, row "
+                         f"{rows[0]}); rescale them to the env's action box first")
+    return {**raw, "observations": obs.astype(np.float32), "actions": np.clip(act, -1.0, 1.0).astype(np.float32),
+            "rewards": np.asarray(raw["rewards"], dtype=np.float32)}
 
 
-def quiet_mujoco() -> None:
-    """MuJoCo prints a deprecation of HalfCheetah's XML (`settotalmass`) at every model load: drop that
-    one message; every other MuJoCo warning goes on to Python's warnings."""
-    try:
-        import mujoco
-    except ImportError:
-        return
-
-    def forward(message: str) -> None:
-        if "settotalmass" not in message:
-            warnings.warn(f"MuJoCo: {message}")
-
-    mujoco.set_mju_user_warning(forward)
-
-
-def gymnasium_vector_env(env_id: str) -> Callable[[int], object]:
-    def make(num_envs: int):
+def make_vector_env(kind: str, env_id: str, num_envs: int):
+    """`num_envs` eval envs in one sync vector env: d4rl's, a Minari dataset's or Gymnasium's (pickled as a partial)."""
+    with warnings.catch_warnings():  # MuJoCo envs warn about deprecated model setters at every make
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if kind == "d4rl":
+            import d4rl  # noqa: F401  (registers the D4RL envs)
+            import gym
+            return gym.vector.SyncVectorEnv([lambda: gym.make(env_id)] * num_envs)
         import gymnasium
-
-        quiet_mujoco()
-        with warnings.catch_warnings():  # MuJoCo envs warn about deprecated model setters at every make
-            warnings.simplefilter("ignore", DeprecationWarning)
-            try:
-                return gymnasium.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync")
-            except gymnasium.error.Error as e:
-                raise SystemExit(f"error: cannot make the evaluation env {env_id!r} ({e}); pass a Gymnasium id "
-                                 f"that is installed with --eval_env (e.g. HalfCheetah-v5, Hopper-v4)") from None
-
-    return make
-
-
-def reference_normalizer(low: float, high: float) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda returns: 100.0 * (np.asarray(returns) - low) / (high - low)
+        if kind == "minari":
+            dataset = __import__("minari").load_dataset(env_id, download=False)
+            return gymnasium.vector.SyncVectorEnv([lambda: dataset.recover_environment(eval_env=True)] * num_envs)
+        if importlib.util.find_spec("mujoco"):  # HalfCheetah's XML warns (`settotalmass`) at every load: drop it
+            __import__("mujoco").set_mju_user_warning(lambda m: "settotalmass" in m or warnings.warn(f"MuJoCo: {m}"))
+        try:
+            return gymnasium.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync")
+        except gymnasium.error.Error as e:
+            raise SystemExit(f"error: cannot make the evaluation env {env_id!r} ({e}); pass a Gymnasium id "
+                             f"that is installed with --eval_env (e.g. HalfCheetah-v5, Hopper-v4)") from None
 
 
-def bundled_names() -> List[str]:
-    """The generated datasets this checkout can build: one per level with a shipped policy."""
-    names = []
-    for env in GYMNASIUM_IDS:
-        shipped = {level for level in ("medium", "medium-replay", "expert")
-                   if (REPO_ROOT / "data" / "policies" / f"{env}-{level}.{'hdf5' if 'replay' in level else 'pt'}")
-                   .exists()}
-        levels = ["random", *sorted(shipped)] + (["medium-expert"] if {"medium", "expert"} <= shipped else [])
-        names += [f"{env}-{level}-gymv5" for level in levels]
-    return names
+def bundled_sources(name: str) -> Optional[List[Path]]:
+    """The shipped files a bundled dataset `<env>-<level>-gymv5` is generated from, or None if one is missing."""
+    env, level = BUNDLED.match(name).groups() if BUNDLED.match(name) else (None, None)
+    files = {"random": [], "medium-expert": ["medium.pt", "expert.pt"]}.get(level, [f"{level}.pt"])
+    paths = [REPO_ROOT / "data" / "policies" / f"{env}-{f.replace('replay.pt', 'replay.hdf5')}" for f in files]
+    return paths if env and all(p.exists() for p in paths) else None
 
 
 def bundled_dataset_path(name: str) -> str:
-    """Find a bundled dataset in the cache; on first use generate it from the shipped policy."""
-    cache = Path(os.environ.get("CNF_DATA_DIR", Path.home() / ".cache" / "cnf" / "datasets"))
-    path = cache / f"{name}.hdf5"
-    if not path.exists():
-        env, level = BUNDLED.match(name).groups()
-        print(f"generating the bundled dataset {name} into {path} (once; later runs reuse it)", file=sys.stderr)
-        cmd = [sys.executable, str(REPO_ROOT / "data" / "generate.py"), "--env", f"{GYMNASIUM_IDS[env]}-v5",
-               "--level", level, "--num_steps", "1000000", "--seed", "0", "--out", str(path)]
-        if subprocess.run(cmd).returncode != 0:
-            raise SystemExit(f"error: could not generate {name}; run {' '.join(cmd[1:])} to see why")
+    """$CNF_DATA_DIR/<name>.hdf5 (default ~/.cache/cnf/datasets), generated when missing or stale (policy_sha256)."""
+    path = Path(os.environ.get("CNF_DATA_DIR", Path.home() / ".cache" / "cnf" / "datasets")) / f"{name}.hdf5"
+    hashes = ",".join(hashlib.sha256(p.read_bytes()).hexdigest() for p in bundled_sources(name))
+    if path.exists():
+        with __import__("h5py").File(path, "r") as f:
+            if f.attrs.get("policy_sha256") in (hashes or "none (uniform random actions)", None):
+                return str(path)
+        print(f"{path} came from an older shipped policy: generating it again", file=sys.stderr)
+    print(f"generating the bundled dataset {name} into {path} (once; later runs reuse it)", file=sys.stderr)
+    cmd = [sys.executable, str(REPO_ROOT / "data" / "generate.py"), "--env", f"{GYMNASIUM_IDS[name.split('-')[0]]}-v5",
+           "--level", BUNDLED.match(name)[2], "--num_steps", "1000000", "--seed", "0", "--out", str(path)]
+    if subprocess.run(cmd).returncode != 0:
+        raise SystemExit(f"error: could not generate {name}; run {' '.join(cmd[1:])} to see why")
     return str(path)
 
 
-def data_from_file(config) -> tuple:
-    """Source 1: any D4RL-format HDF5 file."""
-    name, raw = Path(config.dataset_path).stem, read_hdf5(config.dataset_path)
-    attrs = raw.pop("attrs")
-    eval_env = config.eval_env or attrs.get("env")
-    if eval_env is None:
-        raise SystemExit(f"error: {config.dataset_path} has no 'env' attribute; pass --eval_env (a Gymnasium id)")
-    d4rl_key = next((k for k in D4RL_REF_SCORES if name.startswith(k)), None)
-    if "ref_min_score" in attrs:
-        low, high = float(attrs["ref_min_score"]), float(attrs["ref_max_score"])
-    elif d4rl_key is not None:
-        low, high = D4RL_REF_SCORES[d4rl_key]
-    else:
-        raise SystemExit(f"error: {config.dataset_path} has no ref_min_score/ref_max_score attributes "
-                         f"to normalise scores with; add them (see data/README.md)")
-    return name, raw, gymnasium_vector_env(str(eval_env)), reference_normalizer(low, high)
-
-
-def data_from_d4rl(config) -> tuple:
-    """Source 2: d4rl's own loader, env and score (the Docker image)."""
-    import d4rl
-    import gym
-
-    name = config.env
-
-    def make_env(num_envs: int):
-        return gym.vector.SyncVectorEnv([lambda: gym.make(name)] * num_envs)
-
-    def normalize(returns: np.ndarray) -> np.ndarray:
-        return 100.0 * np.asarray([d4rl.get_normalized_score(name, r) for r in np.atleast_1d(returns)])
-
-    return name, gym.make(name).get_dataset(), make_env, normalize
-
-
-def data_from_d4rl_file(config) -> tuple:
-    """Source 3: the HDF5 file d4rl would have cached, evaluated in Gymnasium's v4 env."""
-    name = config.env
-    if D4RL_MAZE2D.match(name):
-        raise SystemExit(f"error: {name} needs d4rl (maze2d has no Gymnasium equivalent): use the Docker image")
-    path = Path(os.environ.get("D4RL_DATASET_DIR", Path.home() / ".d4rl" / "datasets")) / d4rl_filename(name)
-    if not path.exists():
-        raise SystemExit(f"error: d4rl is not installed and {path} does not exist; "
-                         f"run: python data/download_d4rl.py {name}")
-    raw = read_hdf5(str(path))
-    raw.pop("attrs")
-    env_key = name.split("-")[0]
-    return (name, raw, gymnasium_vector_env(config.eval_env or f"{GYMNASIUM_IDS[env_key]}-v4"),
-            reference_normalizer(*D4RL_REF_SCORES[env_key]))
-
-
-def data_from_bundle(config) -> tuple:
-    """Source 4: a dataset generated by data/generate.py from a shipped policy."""
-    raw = read_hdf5(bundled_dataset_path(config.env))
-    attrs = raw.pop("attrs")
-    return (config.env, raw, gymnasium_vector_env(config.eval_env or str(attrs["env"])),
-            reference_normalizer(float(attrs["ref_min_score"]), float(attrs["ref_max_score"])))
-
-
-MINARI_ID = re.compile(r"^[\w.-]+(/[\w.-]+)*/[\w.-]+-v\d+$")
-
-
-def data_from_minari(config) -> tuple:
-    """Source 5: a Minari dataset from local storage (no download)."""
-    import minari
-
-    try:
-        dataset = minari.load_dataset(config.env, download=False)
-    except FileNotFoundError:
-        raise SystemExit(f"error: the Minari dataset {config.env} is not in local storage (MINARI_DATASETS_PATH "
-                         f"or ~/.minari/datasets); get it with: minari download {config.env}") from None
-    episodes = list(dataset.iterate_episodes())
-    raw = {key: np.concatenate([getattr(e, attr)[: len(e.actions)] for e in episodes])
-           for key, attr in [("observations", "observations"), ("actions", "actions"), ("rewards", "rewards"),
-                             ("terminals", "terminations"), ("timeouts", "truncations")]}
-    raw["timeouts"] = raw["timeouts"] & ~raw["terminals"]  # ended by the time limit only: no done flag
-
-    def make_env(num_envs: int):
-        import gymnasium
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return gymnasium.vector.SyncVectorEnv([lambda: dataset.recover_environment(eval_env=True)] * num_envs)
-
-    if "ref_min_score" in dataset.storage.metadata:  # what minari.get_normalized_score uses, x 100
-        normalize = lambda returns: 100.0 * minari.get_normalized_score(dataset, np.asarray(returns))  # noqa: E731
-    else:
-        normalize = np.asarray
-    return config.env, raw, make_env, normalize
-
-
-def d4rl_installed() -> bool:
-    try:
-        import d4rl  # noqa: F401  (registers the D4RL envs)
-        import gym  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def data_source(config) -> Callable:
-    """The resolver for --dataset_path / --env; an unknown name is refused before anything is loaded."""
+def data_source(config) -> str:
+    """The source (else an error, before any work): `--dataset_path FILE` (env: --eval_env or its `env` attribute),
+    a D4RL name (d4rl, else its cached file in Gymnasium's v4 env), a bundled `*-gymv5`, or a Minari id (offline)."""
     if config.dataset_path is not None:
-        return data_from_file
+        return "file"
     if D4RL_LOCOMOTION.match(config.env) or D4RL_MAZE2D.match(config.env):
-        return data_from_d4rl if d4rl_installed() else data_from_d4rl_file
-    if config.env in bundled_names():
-        return data_from_bundle
+        return "d4rl" if all(importlib.util.find_spec(m) for m in ("d4rl", "gym")) else "d4rl file"
+    if bundled_sources(config.env) is not None:
+        return "bundle"
     if MINARI_ID.match(config.env):
-        return data_from_minari
+        return "minari"
+    bundled = [n for n in (f"{e}-{level}-gymv5" for e in GYMNASIUM_IDS for level in ("random", "medium",
+               "medium-replay", "expert", "medium-expert")) if bundled_sources(n) is not None]
     raise SystemExit(f"error: unknown --env {config.env!r}; use a D4RL name (e.g. halfcheetah-medium-v2, "
-                     f"maze2d-umaze-v1), a bundled one ({', '.join(bundled_names())}), a Minari id "
+                     f"maze2d-umaze-v1), a bundled one ({', '.join(bundled)}), a Minari id "
                      f"(e.g. mujoco/halfcheetah/medium-v0), or --dataset_path FILE")
 
 
+def read_source(config) -> tuple:
+    """(name, raw D4RL-layout arrays, make_eval_env, normalize_score) from the config's data source."""
+    source, name = data_source(config), config.env
+    if source == "d4rl":  # scored with D4RL's reference returns, as d4rl.get_normalized_score does
+        low, high = next(v for k, v in D4RL_REF_SCORES.items() if name.startswith(k))
+        import d4rl  # noqa: F401  (registers the D4RL envs)
+        return (name, __import__("gym").make(name).get_dataset(), functools.partial(make_vector_env, "d4rl", name),
+                lambda returns: 100.0 * (np.asarray(returns) - low) / (high - low))
+    if source == "minari":
+        import minari
+        try:
+            dataset = minari.load_dataset(name, download=False)
+        except FileNotFoundError:
+            raise SystemExit(f"error: the Minari dataset {name} is not in local storage (MINARI_DATASETS_PATH "
+                             f"or ~/.minari/datasets); get it with: minari download {name}") from None
+        episodes = list(dataset.iterate_episodes())
+        raw = {key: np.concatenate([getattr(e, attr)[: len(e.actions)] for e in episodes])
+               for key, attr in [("observations", "observations"), ("actions", "actions"), ("rewards", "rewards"),
+                                 ("terminals", "terminations"), ("timeouts", "truncations")]}
+        raw["timeouts"] = raw["timeouts"] & ~raw["terminals"]  # ended by the time limit only: no done flag
+        normalize = (functools.partial(lambda r, d: 100.0 * minari.get_normalized_score(d, np.asarray(r)), d=dataset)
+                     if "ref_min_score" in dataset.storage.metadata else np.asarray)
+        return name, raw, functools.partial(make_vector_env, "minari", name), normalize
+    if source == "d4rl file" and D4RL_MAZE2D.match(name):
+        raise SystemExit(f"error: {name} needs d4rl (maze2d has no Gymnasium equivalent): use the Docker image")
+    path = (Path(os.environ.get("D4RL_DATASET_DIR", Path.home() / ".d4rl" / "datasets")) / d4rl_filename(name)
+            if source == "d4rl file" else config.dataset_path or bundled_dataset_path(name))
+    if source == "d4rl file" and not path.exists():
+        raise SystemExit(f"error: d4rl is not installed and {path} does not exist; "
+                         f"run: python data/download_d4rl.py {name}")
+    raw = read_hdf5(str(path))
+    name, attrs = name if source == "d4rl file" else Path(raw["path"]).stem, raw["attrs"]
+    d4rl_key = next((k for k in D4RL_REF_SCORES if name.startswith(k)), None)  # a D4RL file is evaluated in v4
+    eval_env = config.eval_env or attrs.get("env") or source == "d4rl file" and f"{GYMNASIUM_IDS[d4rl_key]}-v4"
+    if not eval_env:
+        raise SystemExit(f"error: {raw['path']} has no 'env' attribute; pass --eval_env (a Gymnasium id)")
+    if "ref_min_score" not in attrs and d4rl_key is None:
+        raise SystemExit(f"error: {raw['path']} has no ref_min_score/ref_max_score attributes "
+                         f"to normalise scores with; add them (see data/README.md)")
+    low, high = ((float(attrs["ref_min_score"]), float(attrs["ref_max_score"])) if "ref_min_score" in attrs
+                 else D4RL_REF_SCORES[d4rl_key])
+    return (name, raw, functools.partial(make_vector_env, "gymnasium", str(eval_env)),
+            lambda returns: 100.0 * (np.asarray(returns) - low) / (high - low))
+
+
 def load_offline_data(config) -> OfflineData:
-    """Resolve --dataset_path / --env to transitions, an evaluation env and a score normaliser."""
-    name, raw, make_env, normalize = data_source(config)(config)
+    name, raw, make_env, normalize = read_source(config)
     raw = check_dataset(raw, config.dataset_path or name)
-    returns = episode_returns(raw)
-    data = qlearning_dataset(raw)
+    returns, data = episode_returns(raw), qlearning_dataset(raw)
     if len(data["rewards"]) < 2:
         raise SystemExit(f"error: {config.dataset_path or name} holds {len(data['rewards'])} transition(s) "
                          f"after dropping timeout rows; a dataset needs at least 2")
-    score = float(np.mean(normalize(returns))) if len(returns) else None
     kind = {} if normalize is not np.asarray else {"score": "raw episode return (the data has no reference scores)"}
-    return OfflineData(name=name, make_eval_env=make_env, normalize_score=normalize, dataset_score=score, **kind,
-                       **data)
-
-
-def check_eval_env(envs, data: OfflineData) -> None:
-    obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
-    if (obs_dim, act_dim) != (data.observations.shape[1], data.actions.shape[1]):
-        raise SystemExit(f"error: the data has {data.observations.shape[1]}-dim observations and "
-                         f"{data.actions.shape[1]}-dim actions, the evaluation env {obs_dim} and {act_dim}; "
-                         f"pass the matching --eval_env")
+    return OfflineData(name=name, make_eval_env=make_env, normalize_score=normalize, **kind, **data,
+                       dataset_score=float(np.mean(normalize(returns))) if len(returns) else None)
 
 
 class ReplayBuffer:
     """The whole dataset on the training device, states normalised once; sampling never syncs."""
-
     def __init__(self, data: OfflineData, device: str):
-        self.state_mean = data.observations.mean(0)
-        self.state_std = data.observations.std(0) + 1e-3
-        as_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device)  # noqa: E731
-        self.states = as_tensor((data.observations - self.state_mean) / self.state_std)
-        self.next_states = as_tensor((data.next_observations - self.state_mean) / self.state_std)
-        self.actions = as_tensor(data.actions)
-        self.rewards = as_tensor(data.rewards)[:, None]  # [N, 1]
-        self.dones = as_tensor(data.dones)[:, None]  # [N, 1]
+        self.state_mean, self.state_std = data.observations.mean(0), data.observations.std(0) + 1e-3
+        states = [(x - self.state_mean) / self.state_std for x in (data.observations, data.next_observations)]
+        self.states, self.next_states, self.actions, self.rewards, self.dones = (  # rewards, dones: [N, 1]
+            torch.as_tensor(x, dtype=torch.float32, device=device)
+            for x in (*states, data.actions, data.rewards[:, None], data.dones[:, None]))
         self.size, self.device = len(self.states), device
-
     def sample(self, batch_size: int) -> Tuple[torch.Tensor, ...]:
         idx = torch.randint(0, self.size, (batch_size,), device=self.device)
         return self.states[idx], self.actions[idx], self.rewards[idx], self.next_states[idx], self.dones[idx]
-# ---- [end block: data] ----
 
 
-# ---- [block: evaluation | copied from cnf.py] ----
 @torch.no_grad()
 def evaluate(make_env: Callable[[int], object], act: Callable[[torch.Tensor], torch.Tensor],
              state_mean: np.ndarray, state_std: np.ndarray, episodes: int, seed: int, device: str) -> np.ndarray:
-    """Return of `episodes` episodes stepped together in one vector env; `act` maps normalised
-    states [episodes, obs_dim] to actions. Works with Gymnasium's and old gym's vector envs."""
-    envs = make_env(episodes)
-    reset = envs.reset(seed=seed)
-    obs = reset[0] if isinstance(reset, tuple) else reset
-    returns, running = np.zeros(episodes), np.ones(episodes, dtype=bool)
-    while running.any():
-        states = torch.as_tensor((obs - state_mean) / state_std, dtype=torch.float32, device=device)
-        out = envs.step(act(states).cpu().numpy())
-        if len(out) == 5:  # Gymnasium: obs, reward, terminated, truncated, info
-            obs, reward, terminated, truncated, _ = out
-            done = terminated | truncated
-        else:  # gym 0.23: obs, reward, done, info
-            obs, reward, done, _ = out
-        returns += reward * running  # an env that finished keeps auto-resetting: ignore it
-        running &= ~np.asarray(done, dtype=bool)
+    """Returns of `episodes` episodes in one vector env; `act` (or a worker's `policy_snapshot`) samples from `seed`."""
+    if isinstance(act, bytes):
+        torch.set_num_threads(1)
+        act = torch.load(io.BytesIO(act), map_location="cpu", weights_only=False)  # our own pickle
+    envs, returns, running = make_env(episodes), np.zeros(episodes), np.ones(episodes, dtype=bool)
+    obs = envs.reset(seed=seed)
+    obs = obs[0] if isinstance(obs, tuple) else obs
+    with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(int(np.atleast_1d(seed)[0]))
+        while running.any():
+            states = torch.as_tensor((obs - state_mean) / state_std, dtype=torch.float32, device=device)
+            out = envs.step(act(states).cpu().numpy())
+            obs, reward, done = out[0], out[1], (out[2] | out[3]) if len(out) == 5 else out[2]  # Gymnasium; gym 0.23
+            returns += reward * running  # an env that finished keeps auto-resetting: ignore it
+            running &= ~np.asarray(done, dtype=bool)
     envs.close()
     return returns
-# ---- [end block: evaluation] ----
 
 
-# ---- [block: utilities | copied from cnf.py] ----
+def policy_snapshot(act: Callable[[torch.Tensor], torch.Tensor]) -> bytes:
+    """`act` (an agent's bound method) pickled with a copy of its agent: no optimisers, its config on the CPU."""
+    agent = copy.copy(act.__self__)
+    agent.__dict__.update({k: None for k, v in vars(agent).items() if isinstance(v, torch.optim.Optimizer)})
+    if hasattr(agent, "config"):
+        agent.config = replace(agent.config, device="cpu")
+    torch.save(getattr(agent, act.__name__), snapshot := io.BytesIO())
+    return snapshot.getvalue()
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
-    """Every generator's state, in types that torch.load(weights_only=True) accepts."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
-    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def rng_state() -> torch.Tensor:
+    """Every generator's state (python, numpy, torch, CUDA), pickled into a tensor torch.load(weights_only) reads."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    state = pickle.dumps((random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda))
+    return torch.frombuffer(bytearray(state), dtype=torch.uint8)
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(state: torch.Tensor) -> None:
+    python, numpy, cpu, cuda = pickle.loads(state.numpy().tobytes())  # our own checkpoint's
+    random.setstate(python)
+    np.random.set_state(numpy)
+    torch.set_rng_state(cpu)
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temp file, then rename: a crash or kill never leaves a half-written file."""
+def save_atomic(obj, path: Path) -> Path:
+    """torch.save (JSON for .json, the text for a str) to a temp file, then rename: a kill never leaves half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
+    if isinstance(obj, str) or path.suffix == ".json":
+        tmp.write_text(obj if isinstance(obj, str) else json.dumps(obj, indent=1))
+    else:
+        torch.save(obj, tmp)
     os.replace(tmp, path)
+    return path
 
 
 def torch_load(path) -> dict:
-    """A checkpoint or weights file; an unreadable one is one error line that names it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
@@ -1067,200 +1024,101 @@ def torch_load(path) -> dict:
 
 
 def compiled(step: Callable, config) -> Callable:
-    """`--compile`: `step` (a whole update: sampling, forward, backward, optimiser steps) through
-    torch.compile; on CUDA in mode reduce-overhead, which replays it as CUDA graphs, so an update costs
-    a few graph launches instead of one launch per operator. Random draws inside stay fresh at every
-    replay (Inductor threads the RNG state through the graph). The maths is the eager update's."""
-    if not config.compile:
-        return step
-    return torch.compile(step, mode="reduce-overhead" if torch.device(config.device).type == "cuda" else None)
-
-
-def phase_rank(phase: str) -> int:
-    """Pre-training phases (flow, vae, ...) come before the RL phase."""
-    return 1 if phase == "rl" else 0
+    """`--compile`: the update through torch.compile (CUDA graphs on CUDA; random draws stay fresh, same maths)."""
+    cuda = torch.device(config.device).type == "cuda"
+    return torch.compile(step, mode="reduce-overhead" if cuda else None) if config.compile else step
 
 
 class RunLogger:
-    """metrics.jsonl in the run directory (so curves never need wandb) plus wandb, offline by default.
-    Each phase has its own step axis in wandb (`flow_step`, `rl_step`, ...), so nothing is dropped
-    when phase 2 starts again at step 1. On --resume, lines past the checkpoint are dropped first."""
-
+    """metrics.jsonl (cut on --resume to what the checkpoint covers) and wandb (offline by default; per-phase steps)."""
     def __init__(self, config, run_dir: Path, checkpoint: Optional[dict]):
-        path = run_dir / "metrics.jsonl"
-        if path.exists():  # keep what the checkpoint covers; the resumed run logs the rest again
-            keep = []
-            if checkpoint is not None:
-                last = (phase_rank(checkpoint["phase"]), checkpoint["step"])
-                for line in path.read_text().splitlines():
-                    row = json.loads(line)
-                    if (phase_rank(row.get("phase", "rl")), row["step"]) <= last:
-                        keep.append(line + "\n")
-            tmp = run_dir / ".metrics.jsonl.tmp"
-            tmp.write_text("".join(keep))
-            os.replace(tmp, path)
+        path, rank = run_dir / "metrics.jsonl", lambda row: (row.get("phase", "rl") == "rl", row["step"])
+        if path.exists():  # keep what the checkpoint covers (pre-training phases first); the rest is logged again
+            last = rank(checkpoint) if checkpoint is not None else (False, -1)
+            kept = "".join(line for line in path.read_text().splitlines(True) if rank(json.loads(line)) <= last)
+            save_atomic(kept, path)
         self.file, self.axes, self.wandb = open(path, "a"), set(), None
-        if config.wandb_mode == "disabled":  # wandb is not even imported
-            return
-        import wandb
-
-        os.environ.setdefault("WANDB_SILENT", "true")
-        self.wandb = wandb.init(project=config.wandb_project, group=f"{ALGORITHM}-{config.env}",
-                                name=run_dir.name, config=asdict(config), dir=str(run_dir),
-                                mode=config.wandb_mode, resume="allow", id=run_dir.name.replace("/", "_"),
-                                settings=wandb.Settings(silent=True, console="off"))
-
+        if config.wandb_mode != "disabled":  # else wandb is not even imported
+            import wandb
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(project=config.wandb_project, group=f"{ALGORITHM}-{config.env}", name=run_dir.name,
+                                    config=asdict(config), dir=str(run_dir), mode=config.wandb_mode, resume="allow",
+                                    id=run_dir.name, settings=wandb.Settings(silent=True, console="off"))
     def log(self, metrics: Dict[str, float], step: int, phase: str = "rl") -> None:
         metrics = {k: float(v) for k, v in metrics.items()}
-        self.file.write(json.dumps({"step": step, "phase": phase, **metrics}) + "\n")
-        self.file.flush()
-        if self.wandb is None:
-            return
-        axis = f"{phase}_step"
-        for key in metrics.keys() - self.axes:
-            self.wandb.define_metric(key, step_metric=axis)
-            self.axes.add(key)
-        self.wandb.log({**metrics, axis: step})
-
+        print(json.dumps({"step": step, "phase": phase, **metrics}), file=self.file, flush=True)
+        if self.wandb is not None:
+            for key in metrics.keys() - self.axes:
+                self.wandb.define_metric(key, step_metric=f"{phase}_step")
+            self.axes |= metrics.keys()
+            self.wandb.log({**metrics, f"{phase}_step": step})
     def close(self) -> None:
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
 
 
-def config_path_argument(argv: List[str]) -> Optional[str]:
-    """The value of --config_path in either form tyro accepts (`--config_path F`, `--config_path=F`)."""
-    for i, arg in enumerate(argv):
-        if arg in ("--config_path", "--config-path"):
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                raise SystemExit("error: --config_path needs a value: a YAML file "
-                                 "(e.g. algorithms/configs/cnf/quick.yaml)")
-            return argv[i + 1]
-        if arg.startswith(("--config_path=", "--config-path=")):
-            return arg.split("=", 1)[1]
-    return None
-
-
 def load_yaml_config(config_class, path: str, flag: str):
-    """A pyrallis YAML as a config; unknown keys and malformed files are one error line each."""
+    """A pyrallis YAML as a config; a missing or malformed file, unknown keys and wrong types are one error line."""
     import pyrallis
     import yaml
-
     if not os.path.isfile(path):
         raise SystemExit(f"error: {flag} {path} does not exist")
     try:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        raise SystemExit(f"error: {flag} {path} is not valid YAML ({str(e).splitlines()[0]})") from None
-    fields = set(config_class.__dataclass_fields__)
-    if not isinstance(values, dict) or set(values) - fields:
-        unknown = sorted(set(values) - fields) if isinstance(values, dict) else values
-        raise SystemExit(f"error: {flag} {path}: unknown keys {unknown}; valid keys are the flags of --help")
-    try:
-        with open(path) as f:
-            return pyrallis.load(config_class, f)
-    except Exception as e:  # pyrallis' own type errors (a string where a number belongs, ...)
-        raise SystemExit(f"error: {flag} {path}: {str(e).splitlines()[0]}") from None
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if unknown := (sorted(set(values) - set(config_class.__dataclass_fields__)) if isinstance(values, dict)
+                       else values):
+            raise SystemExit(f"error: {flag} {path}: unknown keys {unknown}; valid keys are the flags of --help")
+        return pyrallis.decode(config_class, values)
+    except (yaml.YAMLError, pyrallis.ParsingError, ValueError, TypeError) as e:
+        kind = "is not valid YAML" if isinstance(e, yaml.YAMLError) else "has a wrong value"
+        raise SystemExit(f"error: {flag} {path} {kind} ({str(e).splitlines()[0]})") from None
 
 
 def check_config(config) -> None:
-    """Every setting, before any data is loaded: one `error:` line that names the setting and what
-    is allowed. Rules go by the field's name, so every algorithm file's fields are covered."""
-    def refuse(name: str, allowed: str) -> None:
-        raise SystemExit(f"error: --{name} {getattr(config, name)!r} is not allowed: {allowed}")
-
+    """Every setting, before any data is loaded: one `error:` line that names the setting and what is allowed."""
     for name, value in asdict(config).items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if name == "train_steps" and value < 1:
-            refuse(name, "at least 1 update")
-        elif name.endswith(("_steps", "_patience")) and value < 0:
-            refuse(name, "0 or more")
-        elif name.endswith(("_every", "_episodes", "batch_size", "_layers", "_hidden", "hidden_dim",
-                            "cpu_threads")) and value < 1:
-            refuse(name, "a whole number, at least 1")
-        elif name.endswith("_fraction") and not 0.0 < value < 1.0:
-            refuse(name, "a fraction strictly between 0 and 1")
-        elif name.endswith("_lr") and not value > 0.0:
-            refuse(name, "a positive learning rate")
-        elif name in ("gamma", "tau") and not 0.0 < value <= 1.0:
-            refuse(name, "a number in (0, 1]")
-    try:
-        device = torch.device(config.device)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        refuse("device", "cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
+        rule = next((r for r in CHECKS if name.endswith(r[0])), None) if type(value) in (int, float, str) else None
+        if rule is not None and not rule[1](value):
+            raise SystemExit(f"error: --{name} {value!r} is not allowed: {rule[2]}")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but CUDA is not available; pass --device cpu")
-    if config.wandb_mode not in ("online", "offline", "disabled"):
-        refuse("wandb_mode", "online, offline or disabled")
     for name in ("dataset_path", "flow_checkpoint", "vae_checkpoint"):
-        if getattr(config, name, None) is not None and not os.path.isfile(getattr(config, name)):
-            raise SystemExit(f"error: --{name} {getattr(config, name)} does not exist")
+        if (path := getattr(config, name, None)) is not None and not os.path.isfile(path):
+            raise SystemExit(f"error: --{name} {path} does not exist")
     data_source(config)  # an unknown --env is refused here, before any data is read
 
 
 def parse_config(config_class, argv: List[str]):
-    """tyro flags over an optional pyrallis YAML (--config_path): flags win over the file.
-    A --resume run starts from its own config.yaml (flags may still change it)."""
+    """tyro flags over an optional pyrallis YAML (--config_path F or =F); --resume starts from the run's config.yaml."""
     import tyro
-
-    default, path = config_class(), config_path_argument(argv)
-    if path is not None:
-        default = load_yaml_config(config_class, path, "--config_path")
+    default = config_class()
+    for i, arg in enumerate(argv):
+        if arg.split("=")[0] in ("--config_path", "--config-path"):
+            path = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "--")
+            if path.startswith("--"):
+                raise SystemExit("error: --config_path needs a value: a YAML file (algorithms/configs/*/*.yaml)")
+            default = load_yaml_config(config_class, path, "--config_path")
     config = tyro.cli(config_class, args=argv, default=default, use_underscores=True)
     if config.resume is not None:
-        saved = Path(config.resume) / "config.yaml"
-        if not saved.is_file():
+        if not (Path(config.resume) / "config.yaml").is_file():
             raise SystemExit(f"error: --resume {config.resume} is not a run directory (no config.yaml)")
-        config = tyro.cli(config_class, args=argv, default=load_yaml_config(config_class, str(saved), "--resume"),
-                          use_underscores=True)
+        saved = load_yaml_config(config_class, str(Path(config.resume) / "config.yaml"), "--resume")
+        config = tyro.cli(config_class, args=argv, default=saved, use_underscores=True)
     check_config(config)
     return config
 
 
-def make_run_dir(config, data_name: str) -> Path:
-    import pyrallis
-
-    if config.resume is not None:
-        run_dir = Path(config.resume)
-    else:
-        name = config.run_name or f"{ALGORITHM}-{data_name}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = Path(config.checkpoints_path) / name
-        run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".config.yaml.tmp"
-    with open(tmp, "w") as f:
-        pyrallis.dump(config, f)
-    os.replace(tmp, run_dir / "config.yaml")
-    return run_dir
-
-
-def write_json_atomic(path: Path, obj: dict) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-    return path
-
-
 def summarize(evaluations: List[Tuple[int, float]]) -> dict:
     scores = [score for _, score in evaluations]
-    return {
-        "final_normalized_score": scores[-1] if scores else None,
-        "best_normalized_score": max(scores) if scores else None,
-        "last10_mean_normalized_score": float(np.mean(scores[-10:])) if scores else None,
-        "evaluations": [{"step": step, "normalized_score": score} for step, score in evaluations],
-    }
+    return {"final_normalized_score": (scores or [None])[-1], "best_normalized_score": max(scores, default=None),
+            "last10_mean_normalized_score": float(np.mean(scores[-10:])) if scores else None,
+            "evaluations": [{"step": step, "normalized_score": score} for step, score in evaluations]}
 
 
 @dataclass
 class Run:
-    """One run directory while it trains: its config, data, checkpoint, logger and clocks.
-    `elapsed()` counts the wall time of every part of a resumed run; status.json says whether the
-    run is running, finished, interrupted or failed (a killed run stays 'running' with a dead pid)."""
-
+    """A run directory while it trains; status.json: running, finished, interrupted or failed (a dead pid: killed)."""
     config: object
     data: OfflineData
     dir: Path
@@ -1269,51 +1127,122 @@ class Run:
     started: float
     phase: str = "start"
     step: int = 0
+    update_time: float = 0.0  # seconds spent in phase-2 updates, over every part of a resumed run
+    checkpoint_state: Optional[Callable[[], dict]] = None  # the phase's state now, for a checkpoint at a stop
+    pool: Optional[ProcessPoolExecutor] = None  # the evaluation workers
+    pending: Optional[list] = None  # evaluations in the workers: [(step, policy snapshot, future)]
     active = None  # the run in progress, for the Ctrl-C message
+    stop_signal = None  # SIGINT or SIGTERM once a polite stop was asked for
 
     def elapsed(self) -> float:
         return time.time() - self.started
-
     def set_status(self, state: str) -> None:
-        write_json_atomic(self.dir / "status.json", {"state": state, "pid": os.getpid(), "host": socket.gethostname(),
-                                                     "phase": self.phase, "step": self.step, "updated": time.time()})
-
+        save_atomic({"state": state, "pid": os.getpid(), "host": socket.gethostname(), "phase": self.phase,
+                     "step": self.step, "updated": time.time()}, self.dir / "status.json")
     def save_checkpoint(self, state: dict) -> None:
-        """Atomic checkpoint.pt with the RNG state and the run's wall time so far."""
         save_atomic({**state, "phase": self.phase, "step": self.step, "rng": rng_state(),
                      "elapsed_s": self.elapsed()}, self.dir / "checkpoint.pt")
         self.set_status("running")
 
-    def note(self, message: str) -> None:
+    def resume_agent(self, agent, buffer: "ReplayBuffer", checkpoint: Optional[dict]) -> Tuple[int, list]:
+        """Phase 2 starts, from a phase-2 checkpoint if there is one; -> (last step done, evaluations)."""
+        self.phase, evaluations, start, self.normalizer = "rl", [], 0, (buffer.state_mean, buffer.state_std)
+        pending = lambda: [(t, torch.frombuffer(bytearray(s), dtype=torch.uint8)) for t, s, _ in self.pending or []]
+        self.checkpoint_state = lambda: {"agent": agent.state_dict(), "evaluations": evaluations,
+                                         "update_time_s": self.update_time, "pending_evaluations": pending()}
+        if checkpoint is not None and checkpoint["phase"] == "rl":
+            agent.load_state_dict(checkpoint["agent"])
+            self.update_time, start = checkpoint["update_time_s"], checkpoint["step"]
+            evaluations += [tuple(e) for e in checkpoint["evaluations"]]
+            for step, snapshot in checkpoint.get("pending_evaluations", []):
+                self.submit(step, snapshot.numpy().tobytes())
+            set_rng_state(checkpoint["rng"])
+        return start, evaluations
+    def steps(self, start: int, total: int, desc: str):
+        """start + 1 .. total with a progress bar (else a line every 30 s); a polite stop checkpoints between steps."""
         from tqdm import tqdm
+        terminal, last_line = sys.stderr.isatty(), time.time()
+        for step in tqdm(range(start + 1, total + 1), desc, total, initial=start, mininterval=5, disable=not terminal):
+            if Run.stop_signal is not None and self.checkpoint_state is not None:
+                self.save_checkpoint(self.checkpoint_state())  # of step - 1, the last one done
+                raise KeyboardInterrupt
+            if not terminal and time.time() - last_line >= 30:
+                print(f"{desc}: step {step - 1}/{total}", file=sys.stderr, flush=True)
+                last_line = time.time()
+            self.step = step
+            yield step
+        self.checkpoint_state = None
+    def timed(self, update: Callable[[], dict]) -> dict:
+        tick, metrics = time.perf_counter(), update()
+        self.update_time += time.perf_counter() - tick
+        return metrics
+    def checkpoint_agent(self, agent, evaluations: list) -> None:
+        """Every `checkpoint_every` steps (default: each evaluation) and at the end; with the pending evaluations."""
+        every = self.config.checkpoint_every or self.config.eval_every
+        if self.step % every == 0 or self.step == self.config.train_steps:
+            self.save_checkpoint(self.checkpoint_state())
+    def agent_results(self, evaluations: list) -> dict:
+        self.collect(evaluations, keep=0)
+        rate = self.config.train_steps / self.update_time if self.update_time > 0 else None
+        return {**summarize(evaluations), "updates_per_s": rate}
 
-        tqdm.write(message)
-
-    def evaluate(self, act: Callable[[torch.Tensor], torch.Tensor], buffer: "ReplayBuffer") -> float:
-        """Evaluation episodes, logged and printed on one line; returns the normalised score."""
-        config, data = self.config, self.data
-        returns = evaluate(data.make_eval_env, act, buffer.state_mean, buffer.state_std, config.eval_episodes,
-                           config.seed, config.device)
-        score = float(np.mean(data.normalize_score(returns)))
-        self.logger.log({"eval/normalized_score": score, "eval/return": float(returns.mean())}, step=self.step)
-        reference = f"  (dataset average {data.dataset_score:.1f})" if data.dataset_score is not None else ""
-        self.note(f"step {self.step}  normalized {score:.1f}{reference}")
-        return score
+    def note(self, message: str) -> None:
+        __import__("tqdm").tqdm.write(message)
+    def workers(self) -> int:
+        """--eval_workers; by default 1 with 4+ cores (with fewer, a worker would take the training's core)."""
+        return self.config.eval_workers if self.config.eval_workers is not None else int((os.cpu_count() or 1) >= 4)
+    def evaluate(self, act: Callable[[torch.Tensor], torch.Tensor], buffer: "ReplayBuffer", evaluations: list) -> None:
+        """This step's evaluation: here (eval_workers 0) or in a worker process (at most 2 per worker pending)."""
+        if self.workers():
+            self.submit(self.step, policy_snapshot(act))
+            return self.collect(evaluations, keep=2 * self.workers())
+        if self.config.compile and torch.device(self.config.device).type == "cuda":  # acting captured like the update
+            act = torch.compile(act, mode="reduce-overhead")
+        self.record(self.step, evaluate(self.data.make_eval_env, act, buffer.state_mean, buffer.state_std,
+                                        self.config.eval_episodes, self.config.seed, self.config.device), evaluations)
+    def submit(self, step: int, snapshot: bytes) -> None:
+        if self.pool is None:
+            self.pool, self.pending = ProcessPoolExecutor(self.workers(), multiprocessing.get_context("spawn")), []
+        args = self.data.make_eval_env, snapshot, *self.normalizer, self.config.eval_episodes, self.config.seed, "cpu"
+        self.pending.append((step, snapshot, self.pool.submit(evaluate, *args)))
+    def collect(self, evaluations: list, keep: int) -> None:
+        """Record the finished evaluations in step order, waiting while more than `keep` are pending."""
+        while self.pending and (len(self.pending) > keep or self.pending[0][2].done()):
+            try:
+                returns = self.pending[0][2].result()
+            except BrokenProcessPool as e:
+                raise SystemExit(f"error: an evaluation worker died ({e}); the run stopped at step {self.step} with "
+                                 f"its last checkpoint kept: continue with python {sys.argv[0]} --resume "
+                                 f"{self.dir}")
+            self.record(self.pending.pop(0)[0], returns, evaluations)
+    def record(self, step: int, returns: np.ndarray, evaluations: list) -> None:
+        score, ref = float(np.mean(self.data.normalize_score(returns))), self.data.dataset_score
+        self.logger.log({"eval/normalized_score": score, "eval/return": float(returns.mean())}, step=step)
+        self.note(f"step {step}  normalized {score:.1f}" + ("" if ref is None else f"  (dataset average {ref:.1f})"))
+        evaluations.append((step, score))
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def start_run(config, data: OfflineData) -> Run:
-    """Check the evaluation env against the data, make (or reopen) the run directory and its
-    checkpoint, seed everything and open the logger."""
-    if config.cpu_threads:
-        torch.set_num_threads(config.cpu_threads)
+    """Check the eval env; make RUN_DIR (`<algo>-<data>-seed<s>-<time>`) or reopen --resume's; config.yaml, seed."""
+    torch.set_num_threads(config.cpu_threads or torch.get_num_threads())
     probe = data.make_eval_env(1)
-    check_eval_env(probe, data)
+    dims = probe.single_observation_space.shape[0], probe.single_action_space.shape[0]
     probe.close()
-    run_dir = make_run_dir(config, data.name)
+    if dims != (want := (data.observations.shape[1], data.actions.shape[1])):
+        raise SystemExit(f"error: the data has {want[0]}-dim observations and {want[1]}-dim actions, the evaluation "
+                         f"env {dims[0]} and {dims[1]}; pass the matching --eval_env")
+    flat = re.sub(r"[^A-Za-z0-9._-]+", "_", data.name)  # a Minari id's slashes
+    run_dir = Path(config.resume or Path(config.checkpoints_path) / (
+        config.run_name or f"{ALGORITHM}-{flat}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_atomic(__import__("pyrallis").dump(config), run_dir / "config.yaml")
     checkpoint = torch_load(run_dir / "checkpoint.pt") if (run_dir / "checkpoint.pt").exists() else None
     set_seed(config.seed)
-    logger = RunLogger(config, run_dir, checkpoint)
-    run = Run(config, data, run_dir, checkpoint, logger, time.time() - (checkpoint or {}).get("elapsed_s", 0.0))
+    run = Run(config, data, run_dir, checkpoint, RunLogger(config, run_dir, checkpoint),
+              time.time() - (checkpoint or {}).get("elapsed_s", 0.0))
     run.set_status("running")
     Run.active = run
     return run
@@ -1322,41 +1251,47 @@ def start_run(config, data: OfflineData) -> Run:
 def finish_run(run: Run, results: dict) -> Path:
     """results.json (scores, the dataset's own average, wall time of all parts), status 'finished'."""
     run.logger.close()
-    config, summary = run.config, results.get("last10_mean_normalized_score")
-    results = {"algorithm": ALGORITHM, "dataset": run.data.name, "seed": config.seed, "train_steps": config.train_steps,
-               **results, "score": run.data.score, "dataset_normalized_score": run.data.dataset_score,
+    run.close()
+    config, data, summary = run.config, run.data, results.get("last10_mean_normalized_score")
+    results = {"algorithm": ALGORITHM, "dataset": data.name, "seed": config.seed, "train_steps": config.train_steps,
+               **results, "score": data.score, "dataset_normalized_score": data.dataset_score,
                "wall_time_s": run.elapsed()}
-    path = write_json_atomic(run.dir / "results.json", results)
-    run.phase = "done"
+    path = save_atomic(results, run.dir / "results.json")
+    run.phase, Run.active = "done", None
     run.set_status("finished")
-    Run.active = None
-    reference = f" (dataset average {run.data.dataset_score:.1f})" if run.data.dataset_score is not None else ""
     if summary is not None:
-        print(f"{ALGORITHM} on {run.data.name}: last-10 mean normalized {summary:.1f}, final "
+        reference = f" (dataset average {data.dataset_score:.1f})" if data.dataset_score is not None else ""
+        print(f"{ALGORITHM} on {data.name}: last-10 mean normalized {summary:.1f}, final "
               f"{results['final_normalized_score']:.1f}{reference}, {results['wall_time_s']:.0f} s")
     return path
 
 
+def polite_stop(signum: int, frame) -> None:
+    """Ctrl-C, SIGTERM: stop after this step (`Run.steps`), or now where that cannot checkpoint or at a 2nd signal."""
+    first, Run.stop_signal = Run.stop_signal is None, Run.stop_signal or signum
+    if not first or Run.active is None or Run.active.checkpoint_state is None:
+        raise KeyboardInterrupt
+
+
 def main(train: Callable, config_class) -> None:
-    """The command line: parse, train, print the results path. Ctrl-C stops at a safe point: the
-    last checkpoint stays, and the message gives the exact command that continues the run."""
+    """Parse, train, print the results path; a polite stop prints how to resume and exits 130 (SIGINT) or 143."""
     config = parse_config(config_class, sys.argv[1:])
+    signal.signal(signal.SIGTERM, polite_stop)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored
+        signal.signal(signal.SIGINT, polite_stop)
     try:
         path = train(config)
-    except KeyboardInterrupt:
-        run = Run.active
-        if run is None:
-            raise SystemExit("interrupted before the run directory existed; nothing to resume") from None
-        run.set_status("interrupted")
-        print(f"\ninterrupted in {run.phase} at step {run.step}; continue with: "
-              f"python {sys.argv[0]} --resume {run.dir}", file=sys.stderr)
-        raise SystemExit(130) from None
-    except BaseException:
-        if Run.active is not None:
-            Run.active.set_status("failed")
-        raise
+    except BaseException as e:
+        run, stopped = Run.active, isinstance(e, KeyboardInterrupt)
+        if run is not None:
+            run.close()
+            run.set_status("interrupted" if stopped else "failed")
+        if not stopped:
+            raise
+        print(f"\ninterrupted in {run.phase} at step {run.step}; continue with: python {sys.argv[0]} --resume {run.dir}"
+              if run else "interrupted before the run directory existed; nothing to resume", file=sys.stderr)
+        raise SystemExit(128 + (Run.stop_signal or signal.SIGINT)) from None
     print(f"results: {path}")
-# ---- [end block: utilities] ----
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """algorithms/cnf_vae.py: CNF's update through PLAS's frozen CVAE decoder (Fig. 7's CNF-VAE)."""
 import json
-import types
 from dataclasses import replace
 
 import numpy as np
@@ -105,21 +104,18 @@ def test_a_plas_vae_fits_only_when_it_saw_the_same_states(tmp_path, tiny_hdf5):
     data = cnf_vae.load_offline_data(config)
     buffer = cnf_vae.ReplayBuffer(data, "cpu")
 
-    class Quiet:
-        def log(self, metrics, step, phase="rl"):
-            pass
-
     for normalize in (False, True):
         plas_config = plas.TrainConfig(device="cpu", dataset_path=tiny_hdf5, vae_hidden=16, vae_steps=0,
-                                       normalize_states=normalize)
+                                       normalize_states=normalize, wandb_mode="disabled",
+                                       checkpoints_path=str(tmp_path), run_name=f"plas-{normalize}")
         plas_data = plas.load_offline_data(plas_config)
         plas_buffer = plas.ReplayBuffer(plas_data, "cpu")
         if not normalize:
             plas.use_raw_states(plas_buffer, plas_data)
-        run_dir = tmp_path / f"plas-{normalize}"
-        run_dir.mkdir()
-        run = types.SimpleNamespace(dir=run_dir, logger=Quiet(), phase="start", step=0)  # what phase 1 uses of a Run
-        plas_vae = plas.pretrain_vae(plas_config, plas_buffer, run, None)
+        run = plas.start_run(plas_config, plas_data)
+        run_dir = run.dir
+        plas_vae = plas.pretrain_vae(plas_config, plas_buffer, run)
+        run.logger.close()
         if not normalize:
             with pytest.raises(SystemExit, match="saw other states"):
                 cnf_vae.load_vae(str(run_dir / "vae.pt"), buffer, "cpu")

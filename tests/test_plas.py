@@ -1,6 +1,7 @@
 """algorithms/plas.py: the CVAE, the latent box, BCQ's soft clipped double-Q target, both phases, the loop."""
 import copy
 import json
+import signal
 from dataclasses import replace
 
 import numpy as np
@@ -222,6 +223,34 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(tmp_path, tiny_hdf5, m
     resumed_agent = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["agent"]
     for net in ("actor", "target_actor", "critic", "target_critic"):
         assert all(torch.equal(full_agent[net][k], resumed_agent[net][k]) for k in full_agent[net])
+
+
+def test_a_polite_stop_in_phase_1_checkpoints_that_step_and_resumes_exactly(tmp_path, tiny_hdf5, monkeypatch):
+    """SIGTERM or Ctrl-C between two phase-1 checkpoints (and two logs): the stop saves the step it reached, with the
+    losses summed since the last log, so the resumed run logs and keeps what the uninterrupted one does."""
+    config = tiny_config(dataset_path=tiny_hdf5, checkpoints_path=str(tmp_path), wandb_mode="disabled",
+                         vae_save_every=20, train_steps=20, eval_every=20, eval_episodes=2)
+    full = json.loads(plas.train(replace(config, run_name="full")).read_text())
+    calls, original = {"n": 0}, plas.VAEPretrainer.train
+
+    def stop_at_25(self, *batch):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            monkeypatch.setattr(plas.Run, "stop_signal", signal.SIGTERM)  # what polite_stop records
+        return original(self, *batch)
+
+    monkeypatch.setattr(plas.VAEPretrainer, "train", stop_at_25)
+    with pytest.raises(KeyboardInterrupt):
+        plas.train(replace(config, run_name="stopped"))
+    saved = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)
+    assert (saved["phase"], saved["step"], saved["since_log"]) == ("vae", 25, 5)
+    monkeypatch.setattr(plas.Run, "stop_signal", None)
+    monkeypatch.setattr(plas.VAEPretrainer, "train", original)
+    resumed = json.loads(plas.train(replace(config, resume=str(tmp_path / "stopped"))).read_text())
+    assert resumed["evaluations"] == full["evaluations"] and resumed["vae_final_loss"] == full["vae_final_loss"]
+    logged = [(tmp_path / run / "metrics.jsonl").read_text().splitlines() for run in ("full", "stopped")]
+    assert [json.loads(line) for line in logged[0] if '"vae"' in line] == \
+        [json.loads(line) for line in logged[1] if '"vae"' in line]
 
 
 def test_raw_states_by_default_and_normalised_on_request(tmp_path, tiny_hdf5):

@@ -205,7 +205,7 @@ def test_end_to_end_run_writes_what_it_promises(tmp_path, tiny_hdf5):
     behavior = torch.load(run / "behavior.pt", weights_only=True)
     assert behavior["sizes"] == {"action_dim": 3, "state_dim": 11, "widths": [32, 16]}
     checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert (checkpoint["phase"], checkpoint["round"], checkpoint["round_step"]) == ("rl", 1, 30)
+    assert (checkpoint["phase"], checkpoint["agent"]["round"], checkpoint["agent"]["round_step"]) == ("rl", 1, 30)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("planning/v_won_fraction" in m for m in metrics) and any("behavior/loss" in m for m in metrics)
 
@@ -247,7 +247,37 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(tmp_path, tiny_hdf5, m
     same = lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
     assert same(*[saved["model"] for saved in load("behavior.pt")])
     assert torch.equal(*[saved["candidates"] for saved in load("candidates.pt")])
-    assert same(*[saved["critic"]["critic"] for saved in load("checkpoint.pt")])
+    assert same(*[saved["agent"]["critic"]["critic"] for saved in load("checkpoint.pt")])
+
+
+@pytest.mark.parametrize("trainer, at, phase", [("BehaviorTrainer", 23, "behavior"), ("CriticTrainer", 37, "rl")])
+def test_a_polite_stop_between_checkpoints_saves_that_step_and_resumes_exactly(tmp_path, tiny_hdf5, monkeypatch,
+                                                                                  trainer, at, phase):
+    """SIGTERM (as `polite_stop` records it) during behaviour step 23, or critic update 37 (round 2, update 7): the
+    checkpoint holds that step, and the resumed run ends as the uninterrupted one."""
+    config = sfbc.TrainConfig(device="cpu", dataset_path=tiny_hdf5, checkpoints_path=str(tmp_path),
+                              wandb_mode="disabled", **{**TINY, "eval_episodes": 1})
+    full = json.loads(sfbc.train(replace(config, run_name="full")).read_text())
+    calls, original = {"n": 0}, getattr(sfbc, trainer).train
+
+    def signalled(self, *batch):
+        calls["n"] += 1
+        if calls["n"] == at:
+            sfbc.Run.stop_signal = 15
+        return original(self, *batch)
+
+    monkeypatch.setattr(getattr(sfbc, trainer), "train", signalled)
+    monkeypatch.setattr(sfbc.Run, "stop_signal", None)
+    with pytest.raises(KeyboardInterrupt):
+        sfbc.train(replace(config, run_name="stopped"))
+    sfbc.Run.stop_signal = None
+    monkeypatch.setattr(getattr(sfbc, trainer), "train", original)
+    checkpoint = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)
+    assert (checkpoint["phase"], checkpoint["step"]) == (phase, at)
+    if phase == "rl":
+        assert (checkpoint["agent"]["round"], checkpoint["agent"]["round_step"]) == (1, 7)
+    resumed = json.loads(sfbc.train(replace(config, resume=str(tmp_path / "stopped"))).read_text())
+    assert resumed["evaluations"] == full["evaluations"]
 
 
 @pytest.mark.parametrize("field, value, message", [

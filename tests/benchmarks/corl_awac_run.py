@@ -1,5 +1,6 @@
 """CORL's offline AWAC (corl-team/CORL algorithms/offline/awac.py), unmodified and imported at run time, trained on
-one of our datasets and evaluated by our vectorised evaluation: the "AWAC against CORL's code" figures in README.
+one of our datasets and evaluated by our vectorised evaluation: the "AWAC against CORL's code" figures in
+docs/results.md.
 
     python tests/benchmarks/corl_awac_run.py CORL/algorithms/offline/awac.py hopper-medium-gymv5 10000 1000 0.3333 0
 

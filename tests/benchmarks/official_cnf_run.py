@@ -1,5 +1,6 @@
 """The official CNF code (tinkoff-ai/cnf), unmodified and imported at run time, trained on one of our datasets and
-evaluated by our vectorised evaluation: the "CNF at 50k updates, ours against the official code" figures in README.
+evaluated by our vectorised evaluation: the "CNF at 50k updates on Hopper, against the official code" figures in
+docs/results.md.
 
     python tests/benchmarks/official_cnf_run.py OFFICIAL_CHECKOUT hopper-medium-gymv5 4 64 8000 50000 2500 0
 
