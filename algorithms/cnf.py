@@ -1015,6 +1015,7 @@ class SeedRuns:
     def __init__(self, runs: List["Run"], seeds: List[int]):
         self.update_time, self.checkpoint_state, self.pending, self.pool = 0.0, None, None, None  # evaluated here
         self.runs, self.seeds, self.agent = runs, seeds, None
+        self.phase, self.step = runs[0].phase, runs[0].step
         self.config, self.data, self.dir, self.logger = runs[0].config, runs[0].data, runs[0].dir, self
         saved = runs[0].checkpoint
         group = saved.get("seed_group") if saved is not None else None
@@ -1029,7 +1030,8 @@ class SeedRuns:
         its seed), or with --resume reopen them all."""
         if config.resume is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            names = [f"{config.run_name}-seed{s}" if config.run_name else f"{ALGORITHM}-{data.name}-seed{s}-{stamp}"
+            flat = re.sub(r"[^A-Za-z0-9._-]+", "_", data.name)  # a Minari id's slashes
+            names = [f"{config.run_name}-seed{s}" if config.run_name else f"{ALGORITHM}-{flat}-seed{s}-{stamp}"
                      for s in seeds]
             configs = [replace(config, seed=s, run_name=name) for s, name in zip(seeds, names)]
         else:
@@ -1050,23 +1052,11 @@ class SeedRuns:
             return getattr(Run, name).__get__(self)
         raise AttributeError(name)
 
-    @property
-    def phase(self) -> str:
-        return self.runs[0].phase
-
-    @phase.setter
-    def phase(self, phase: str) -> None:
-        for run in self.runs:
-            run.phase = phase
-
-    @property
-    def step(self) -> int:
-        return self.runs[0].step
-
-    @step.setter
-    def step(self, step: int) -> None:
-        for run in self.runs:
-            run.step = step
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("phase", "step"):  # the group's phase and step are every seed's run's
+            for run in self.runs:
+                setattr(run, name, value)
+        object.__setattr__(self, name, value)
 
     def set_status(self, state: str) -> None:
         for run in self.runs:
