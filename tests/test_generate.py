@@ -81,27 +81,94 @@ def test_medium_expert_concatenates_both_policies(tmp_path, policy_dir):
     assert data["timeouts"][199] or data["terminals"][199]  # the medium half ends an episode
 
 
-# The issue's bands around D4RL's medium scores (Walker2d: the same band as Hopper).
-MEDIUM_BAND = {"HalfCheetah-v5": 8.0, "Hopper-v5": 10.0, "Walker2d-v5": 10.0}
 SHIPPED_MEDIUM = [env for env in generate.REFERENCE_SCORES
                   if os.path.exists(generate.policy_path(env, "medium"))]
+# The bundled 1M-step medium files (data/README.md: `generate.py --level medium --num_steps 1000000 --seed 0`,
+# measured with `train_behavior.py --file_stats`): the policy they were generated from and their whole
+# episodes' return statistics. A new policy needs new figures here (the sha256 check below fails until then).
+MEDIUM_FILES = {
+    "HalfCheetah-v5": {"policy_sha256": "84844c8347c9ab2e95d3e9aa155124e6c184a86952b07a0c6f0f6b86c2fcc2d3",
+                       "episodes": 1000, "mean": 4811.1, "std": 354.4},
+    "Hopper-v5": {"policy_sha256": "4de3b56fe85d7c60a45728068b3ffa43bed5aabcce4b92d358d19c2b7218b7c9",
+                  "episodes": 2233, "mean": 1398.6, "std": 452.6},
+    "Walker2d-v5": {"policy_sha256": "b6f71a2aebee7e3e77434e6d94958e4c3c0dc069c7e261a3360600ab0192ab2f",
+                    "episodes": 1139, "mean": 2728.8, "std": 645.1},
+}
+# Medium policies known to miss a band (data/README.md says by how much); strict: fixing one fails the test
+# until it is taken off this list.
+KNOWN_FAILURES = {"Walker2d-v5": "CV 0.236 below D4RL's 0.384 / 1.5 = 0.256 (issue #25)"}
+# HalfCheetah's returns are steady (CV about 0.015) but for rare episodes (about 1%) where the cheetah flips;
+# those make its CV, and D4RL's (0.075, whose worst episode returns -310), so 20 episodes cannot measure it:
+# they hold one flip (CV 0.18) or none (CV 0.015). Its CV is judged on the 1M-step file alone.
+CV_NEEDS_FILE = {"HalfCheetah-v5"}
 
 
-@pytest.mark.parametrize("env_id", SHIPPED_MEDIUM)
-def test_shipped_medium_policy_scores_like_d4rl_medium(env_id):
-    """Each shipped medium policy, rolled out stochastically for 10 whole episodes, scores near
-    D4RL's medium dataset and within 15% of the return its training log recorded when it was kept
-    (the confirmation's, where the snapshot was confirmed)."""
-    from data.train_behavior import MEDIUM_TARGETS, evaluate
+def known_failure(env_id):
+    return [pytest.mark.xfail(reason=KNOWN_FAILURES[env_id], strict=True)] if env_id in KNOWN_FAILURES else []
+
+
+@pytest.mark.parametrize("env_id", [pytest.param(env, marks=known_failure(env)) for env in SHIPPED_MEDIUM])
+def test_bundled_medium_file_statistics_match_d4rl_bands(env_id):
+    """The recorded 1M-step file of each shipped medium policy lies within 3 normalised points of D4RL's
+    medium dataset and within a factor 1.5 of its CV of episode returns, and was made by this policy file."""
+    from data.train_behavior import MEDIUM_TARGETS, medium_bands
+
+    record = MEDIUM_FILES[env_id]
+    assert generate.file_sha256(generate.policy_path(env_id, "medium")) == record["policy_sha256"], (
+        f"{env_id}'s medium policy changed: regenerate its 1M-step file and record its statistics here")
+    bands = medium_bands(env_id)
+    score = float(generate.normalized_score(env_id, record["mean"]))
+    assert abs(score - MEDIUM_TARGETS[env_id]) <= 3.0 and bands["normalized"][0] <= score <= bands["normalized"][1]
+    assert bands["cv"][0] <= record["std"] / record["mean"] <= bands["cv"][1], (env_id, record["std"] / record["mean"])
+
+
+@pytest.mark.parametrize("env_id", [pytest.param(env, marks=known_failure(env)) for env in SHIPPED_MEDIUM])
+def test_shipped_medium_policy_passes_d4rl_bands_live(env_id):
+    """Each shipped medium policy, re-measured now: its training log's confirmation (20 or more episodes)
+    passed both bands, and re-running that confirmation (same episodes, same seeds) passes them again and
+    agrees with the log, so a policy file swapped for another one fails. Policies picked before the bands
+    existed (no confirmation in the log) are re-measured on 20 episodes from seed 0."""
+    from data.train_behavior import MIN_CONFIRM, band_check, evaluate
 
     path = generate.policy_path(env_id, "medium")
-    returns = evaluate(env_id, torch.load(path, weights_only=True), episodes=10, seed=0)
-    score = float(generate.normalized_score(env_id, returns.mean()))
-    assert abs(score - MEDIUM_TARGETS[env_id]) <= MEDIUM_BAND[env_id], (env_id, score)
     with open(path.replace("-medium.pt", "-training.json")) as f:
-        medium = json.load(f)["kept"]["medium"]
-    kept = medium.get("confirmed_return_mean", medium["return_mean"])
-    assert abs(returns.mean() - kept) <= 0.15 * abs(kept), (env_id, returns.mean(), kept)
+        log = json.load(f)
+    medium = log["kept"]["medium"]
+    if "confirmed_passes" in medium:
+        assert medium["confirmed_passes"], medium
+        episodes, seed = log["args"]["confirm_episodes"], 20_000 + medium["step"]
+        assert episodes >= MIN_CONFIRM
+    else:
+        episodes, seed = MIN_CONFIRM, 0
+    check = band_check(env_id, evaluate(env_id, torch.load(path, weights_only=True), episodes=episodes, seed=seed))
+    assert check["mean_in_band"], (env_id, check)
+    if env_id not in CV_NEEDS_FILE:
+        assert check["cv_in_band"] and check["passes"], (env_id, check)
+    if "confirmed_passes" in medium:  # the same rollouts as the log's: the same returns, up to float noise
+        assert check["return_mean"] == pytest.approx(medium["confirmed_return_mean"], rel=0.05), (env_id, check)
+        assert check["cv"] == pytest.approx(medium["confirmed_cv"], rel=0.2), (env_id, check)
+
+
+def test_band_check_and_medium_choice_follow_the_criterion():
+    from data.train_behavior import D4RL_MEDIUM_CV, MEDIUM_TARGETS, band_check, choose_medium, medium_bands
+
+    # D4RL's own statistics pass; the old Hopper file (1269.6 +- 669.3: normalised 39.6, CV 0.53) fails both.
+    assert abs(MEDIUM_TARGETS["Hopper-v5"] - 44.3) < 0.05 and abs(D4RL_MEDIUM_CV["Hopper-v5"] - 0.2665) < 1e-3
+    lo, hi = medium_bands("Hopper-v5")["cv"]
+    assert lo == pytest.approx(0.2665 / 1.5, abs=1e-3) and hi == pytest.approx(0.2665 * 1.5, abs=1e-3)
+    rng = np.random.default_rng(0)
+    d4rl_like = 1422.06 + 378.95 * rng.standard_normal(2000)
+    old_file = 1269.6 + 669.3 * rng.standard_normal(2000)
+    assert band_check("Hopper-v5", d4rl_like)["passes"]
+    old = band_check("Hopper-v5", old_file)
+    assert not old["mean_in_band"] and not old["cv_in_band"] and not old["passes"]
+    assert not band_check("Hopper-v5", d4rl_like[:19])["passes"], "fewer than 20 episodes are not judged"
+    # Only passing confirmations are candidates; among them the closest to the target wins.
+    near_but_unsteady = {"step": 1, "normalized": 44.3, "confirmed_normalized": 44.3, "confirmed_passes": False}
+    passing_far = {"step": 2, "normalized": 47.0, "confirmed_normalized": 46.9, "confirmed_passes": True}
+    passing_near = {"step": 3, "normalized": 40.0, "confirmed_normalized": 43.0, "confirmed_passes": True}
+    assert choose_medium([near_but_unsteady, passing_far, passing_near], "Hopper-v5") is passing_near
+    assert choose_medium([near_but_unsteady, {"step": 4, "normalized": 44.0}], "Hopper-v5") is None
 
 
 def test_train_behavior_evaluate_cli_prints_returns_and_refuses_bad_policies(tmp_path):
@@ -113,7 +180,8 @@ def test_train_behavior_evaluate_cli_prints_returns_and_refuses_bad_policies(tmp
     ok = subprocess.run([sys.executable, script, "--env", "Hopper-v5", "--evaluate", str(policy),
                          "--eval_episodes", "3"], capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
-    assert re.search(r"return -?[\d.]+ \+- [\d.]+ over 3 episodes, normalised -?[\d.]+", ok.stdout), ok.stdout
+    assert re.search(r"return -?[\d.]+ \+- [\d.]+ over 3 episodes, normalised -?[\d.]+, CV -?[\d.]+; .*"
+                     r"not judged \(needs 20 episodes\)", ok.stdout), ok.stdout
     missing = subprocess.run([sys.executable, script, "--env", "Hopper-v5", "--evaluate", str(tmp_path / "no.pt")],
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and missing.stderr.strip().splitlines() == [
