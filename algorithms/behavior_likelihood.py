@@ -34,6 +34,11 @@ SfBC's acting samples (diffusion candidates, a Gumbel draw); it is scored under 
 A run trained with --amp scored its in-run diagnostic with bfloat16 conditioners; this tool's flow is
 float32 (--amp to match), so its numbers differ from the in-run ones in the last digits.
 
+--episodes N also runs the final policy for N episodes in the run's evaluation env, seeded as the run's
+evaluations are (its seed; N = its eval_episodes replays its final evaluation), and reports how long its
+episodes last beside their normalised scores: a policy that scores under the data can be told apart as
+one that falls early (short episodes) or one that survives but moves slowly (full-length, low return).
+
 Prints one line per run and a table; --out writes the numbers as JSON. Bad input (a missing file, a
 flow for another state or action size, a run without a phase-2 checkpoint) is one `error:` line.
 """
@@ -207,19 +212,51 @@ def score_run(run_dir: Path, flow, flow_mean: np.ndarray, flow_std: np.ndarray, 
               **{key.split("/")[1]: float(value) for key, value in out.items()}}
     if counts is not None:
         result.update({"edges": list(flow_module.LATENT_EDGES), "latent_counts": counts.tolist()})
+    if args.episodes:
+        result.update(own_episodes(data, buffer, agent, args.episodes, config.seed, args.device))
     return result
+
+
+@torch.no_grad()
+def own_episodes(data, buffer, agent, episodes: int, seed: int, device: str) -> dict:
+    """The final policy's episodes in one vector env, stepped and seeded as the algorithm file's `evaluate`
+    steps them: each episode's length (steps until it terminated or timed out) and normalised score."""
+    envs = data.make_eval_env(episodes)
+    obs = envs.reset(seed=seed)
+    obs = obs[0] if isinstance(obs, tuple) else obs
+    returns, lengths, running = np.zeros(episodes), np.zeros(episodes, dtype=int), np.ones(episodes, dtype=bool)
+    with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(seed)
+        while running.any():
+            states = torch.as_tensor((obs - buffer.state_mean) / buffer.state_std, dtype=torch.float32, device=device)
+            out = envs.step(agent.act(states).cpu().numpy())
+            obs, reward, done = out[0], out[1], (out[2] | out[3]) if len(out) == 5 else out[2]  # Gymnasium; gym 0.23
+            returns += reward * running
+            lengths += running
+            running &= ~np.asarray(done, dtype=bool)
+    envs.close()
+    return {"episode_lengths": lengths.tolist(), "episode_scores": data.normalize_score(returns).tolist()}
 
 
 # %% The command line
 def table(results: Sequence[dict]) -> list:
-    lines = ["| run | algorithm | dataset | step | policy NLL | data NLL | OOD rate | max abs latent |",
-             "|---|---|---|---|---|---|---|---|"]
+    episodes = any("episode_lengths" in r for r in results)
+    lines = ["| run | algorithm | dataset | step | policy NLL | data NLL | OOD rate | max abs latent |"
+             + (" score | episode length: min, median, max |" if episodes else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if episodes else "")]
     for r in results:
         latent = f"{r['latent_abs_max']:.2f}" if "latent_abs_max" in r else "-"
         step = f"{r['step']}" + ("" if r["final"] else " (not final)")
         lines.append(f"| {r['run']} | {r['algorithm']} | {r['dataset']} | {step} | {r['policy_nll']:.3f} "
-                     f"| {r['data_nll']:.3f} | {100 * r['ood_rate']:.1f}% | {latent} |")
+                     f"| {r['data_nll']:.3f} | {100 * r['ood_rate']:.1f}% | {latent} |"
+                     + (f" {np.mean(r['episode_scores']):.1f} | {lengths_summary(r)} |" if episodes else ""))
     return lines
+
+
+def lengths_summary(result: dict) -> str:
+    """min, median, max of a run's own episode lengths."""
+    lengths = result["episode_lengths"]
+    return f"{min(lengths)}, {np.median(lengths):g}, {max(lengths)}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list:
@@ -230,11 +267,15 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     parser.add_argument("--seed", type=int, default=0, help="seed of the dataset-state sample (runs use their own)")
     parser.add_argument("--n_states", type=int, default=10_000, help="dataset states in the sample (all if fewer)")
     parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--episodes", type=int, default=0,
+                        help="also run the final policy for this many episodes and report their lengths")
     parser.add_argument("--amp", action="store_true",
                         help="bfloat16 conditioners in the behaviour flow (as runs trained with --amp)")
     args = parser.parse_args(argv)
     if args.n_states < 1:
         raise SystemExit(f"error: --n_states {args.n_states} is not allowed: at least 1")
+    if args.episodes < 0:
+        raise SystemExit(f"error: --episodes {args.episodes} is not allowed: 0 (none) or more")
     for run in args.runs:
         if not Path(run).is_dir():
             raise SystemExit(f"error: {run} is not a directory")
@@ -251,7 +292,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         latent = f"  max |z| {result['latent_abs_max']:.2f}" if "latent_abs_max" in result else ""
         print(f"{run}: {result['algorithm']} at step {result['step']}{'' if result['final'] else ' (not final)'}  "
               f"policy NLL {result['policy_nll']:.3f} (data {result['data_nll']:.3f})  "
-              f"OOD rate {100 * result['ood_rate']:.1f}%{latent}")
+              f"OOD rate {100 * result['ood_rate']:.1f}%{latent}"
+              + (f"  {len(result['episode_lengths'])} episodes: score {np.mean(result['episode_scores']):.1f}, "
+                 f"lengths {lengths_summary(result)}" if "episode_lengths" in result else ""))
     print("\n".join(["", *table(results)]) if results else "no run could be scored")
     if args.out is not None:
         Path(args.out).write_text(json.dumps({"flow": args.flow, "seed": args.seed, "n_states": args.n_states,

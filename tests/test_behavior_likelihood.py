@@ -171,7 +171,7 @@ def test_the_tool_reproduces_the_in_run_figures_and_scores_other_policies(tmp_pa
     out = tmp_path / "likelihood.json"
     flow = str(tmp_path / "cnf" / "flow.pt")
     results = behavior_likelihood.main([str(tmp_path / "cnf"), str(tmp_path / "awac"), "--flow", flow,
-                                        "--out", str(out)])
+                                        "--out", str(out), "--episodes", "2"])
     in_run = diag_lines(tmp_path / "cnf")[40]
     by_algorithm = {r["algorithm"]: r for r in results}
     for name in ("policy_nll", "data_nll", "ood_rate", "latent_abs_max"):
@@ -182,6 +182,12 @@ def test_the_tool_reproduces_the_in_run_figures_and_scores_other_policies(tmp_pa
     assert "latent_abs_max" not in by_algorithm["awac"] and by_algorithm["awac"]["final"]
     assert json.loads(out.read_text())["runs"] == json.loads(json.dumps(results))
     assert "| awac | tiny | 20 |" in capsys.readouterr().out
+    # --episodes 2 with the run's seed replays the cnf run's final evaluation (eval_episodes 2), episode by episode
+    final = json.loads((tmp_path / "cnf" / "results.json").read_text())["final_normalized_score"]
+    assert np.mean(by_algorithm["cnf"]["episode_scores"]) == pytest.approx(final, rel=1e-6)
+    for result in results:
+        assert len(result["episode_lengths"]) == 2
+        assert all(isinstance(n, int) and 1 <= n <= 1000 for n in result["episode_lengths"])  # Hopper-v5's limit
 
 
 def test_the_tool_refuses_bad_input_with_one_error_line(tmp_path):
@@ -189,6 +195,8 @@ def test_the_tool_refuses_bad_input_with_one_error_line(tmp_path):
     run.mkdir()
     with pytest.raises(SystemExit, match="^error: --flow .* does not exist"):
         behavior_likelihood.main([str(run), "--flow", str(tmp_path / "missing.pt")])
+    with pytest.raises(SystemExit, match="^error: --episodes -1 is not allowed"):
+        behavior_likelihood.main([str(run), "--flow", str(tmp_path / "missing.pt"), "--episodes", "-1"])
     flow = cnf.ConditionalFlow(3, 5, 2, 16)
     torch.save({"flow": flow.state_dict(), "sizes": flow.describe(), "base_distribution": "uniform",
                 "state_mean": torch.zeros(5), "state_std": torch.ones(5)}, tmp_path / "flow.pt")
