@@ -35,9 +35,10 @@ A run trained with --amp scored its in-run diagnostic with bfloat16 conditioners
 float32 (--amp to match), so its numbers differ from the in-run ones in the last digits.
 
 --episodes N also runs the final policy for N episodes in the run's evaluation env, seeded as the run's
-evaluations are (its seed; N = its eval_episodes replays its final evaluation), and reports how long its
-episodes last beside their normalised scores: a policy that scores under the data can be told apart as
-one that falls early (short episodes) or one that survives but moves slowly (full-length, low return).
+evaluations are (its seed, its cpu_threads; N = its eval_episodes replays its final evaluation), and
+reports how long its episodes last beside their normalised scores: a policy that scores under the data
+can be told apart as one that falls early (short episodes) or one that survives but moves slowly
+(full-length, low return).
 
 Prints one line per run and a table; --out writes the numbers as JSON. Bad input (a missing file, a
 flow for another state or action size, a run without a phase-2 checkpoint) is one `error:` line.
@@ -212,8 +213,11 @@ def score_run(run_dir: Path, flow, flow_mean: np.ndarray, flow_std: np.ndarray, 
               **{key.split("/")[1]: float(value) for key, value in out.items()}}
     if counts is not None:
         result.update({"edges": list(flow_module.LATENT_EDGES), "latent_counts": counts.tolist()})
-    if args.episodes:
+    if args.episodes:  # at the run's CPU thread count: the same float sums, so the same episodes as its own
+        threads = torch.get_num_threads()
+        torch.set_num_threads(config.cpu_threads or threads)
         result.update(own_episodes(data, buffer, agent, args.episodes, config.seed, args.device))
+        torch.set_num_threads(threads)
     return result
 
 
