@@ -213,33 +213,42 @@ def score_run(run_dir: Path, flow, flow_mean: np.ndarray, flow_std: np.ndarray, 
               **{key.split("/")[1]: float(value) for key, value in out.items()}}
     if counts is not None:
         result.update({"edges": list(flow_module.LATENT_EDGES), "latent_counts": counts.tolist()})
-    if args.episodes:  # at the run's CPU thread count: the same float sums, so the same episodes as its own
-        threads = torch.get_num_threads()
-        torch.set_num_threads(config.cpu_threads or threads)
-        result.update(own_episodes(data, buffer, agent, args.episodes, config.seed, args.device))
-        torch.set_num_threads(threads)
+    if args.episodes:
+        result.update(own_episodes(module, data, buffer, agent, args.episodes, config))
     return result
 
 
-@torch.no_grad()
-def own_episodes(data, buffer, agent, episodes: int, seed: int, device: str) -> dict:
-    """The final policy's episodes in one vector env, stepped and seeded as the algorithm file's `evaluate`
-    steps them: each episode's length (steps until it terminated or timed out) and normalised score."""
-    envs = data.make_eval_env(episodes)
-    obs = envs.reset(seed=seed)
-    obs = obs[0] if isinstance(obs, tuple) else obs
-    returns, lengths, running = np.zeros(episodes), np.zeros(episodes, dtype=int), np.ones(episodes, dtype=bool)
-    with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
-        torch.manual_seed(seed)
-        while running.any():
-            states = torch.as_tensor((obs - buffer.state_mean) / buffer.state_std, dtype=torch.float32, device=device)
-            out = envs.step(agent.act(states).cpu().numpy())
-            obs, reward, done = out[0], out[1], (out[2] | out[3]) if len(out) == 5 else out[2]  # Gymnasium; gym 0.23
-            returns += reward * running
-            lengths += running
-            running &= ~np.asarray(done, dtype=bool)
-    envs.close()
-    return {"episode_lengths": lengths.tolist(), "episode_scores": data.normalize_score(returns).tolist()}
+class EpisodeLengths:
+    """A vector env that counts each of its episodes' steps until the episode first ends."""
+
+    def __init__(self, envs, episodes: int):
+        self.envs, self.lengths, self.running = envs, np.zeros(episodes, dtype=int), np.ones(episodes, dtype=bool)
+
+    def reset(self, **kwargs):
+        return self.envs.reset(**kwargs)
+
+    def step(self, actions):
+        out = self.envs.step(actions)
+        self.lengths += self.running
+        self.running &= ~np.asarray((out[2] | out[3]) if len(out) == 5 else out[2], dtype=bool)  # Gymnasium; gym
+        return out
+
+    def close(self):
+        self.envs.close()
+
+
+def own_episodes(module, data, buffer, agent, episodes: int, config) -> dict:
+    """The final policy's episodes, run by the algorithm file's own `evaluate` with the run's seed and CPU thread
+    count (the same float sums, so the same episodes as its evaluations): each one's length and normalised score."""
+    counter = EpisodeLengths(data.make_eval_env(episodes), episodes)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.cpu_threads or threads)
+    try:
+        returns = module.evaluate(lambda n: counter, agent.act, buffer.state_mean, buffer.state_std, episodes,
+                                  config.seed, config.device)
+    finally:
+        torch.set_num_threads(threads)
+    return {"episode_lengths": counter.lengths.tolist(), "episode_scores": data.normalize_score(returns).tolist()}
 
 
 # %% The command line
