@@ -1,7 +1,7 @@
 """algorithms/cnf_normal_ablation.py: the Normal-latent flow's mathematics, the unbounded (Fig. 5)
 and clipped (Fig. 6) latent policies, phase-1 NLL logging (Fig. 8), the run loop and bad input."""
 import json
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
@@ -245,3 +245,15 @@ def test_quick_presets_load(preset, latent_clip):
     config = nab.parse_config(nab.TrainConfig, ["--config_path", str(path)])
     assert config.env == "halfcheetah-medium-gymv5" and config.latent_clip == latent_clip
     assert config.train_steps < nab.TrainConfig().train_steps and config.flow_steps < nab.TrainConfig().flow_steps
+
+
+@pytest.mark.parametrize("preset", ["quick.yaml", "medium.yaml"])
+def test_presets_are_cnfs_but_for_the_latent(preset):
+    """Fig. 5 compares runs that differ only in the latent space: every field the two scripts share is set as
+    cnf.py's preset of the same name sets it."""
+    configs = ROOT / "algorithms" / "configs"
+    ours = nab.parse_config(nab.TrainConfig, ["--config_path", str(configs / "cnf_normal_ablation" / preset)])
+    theirs = cnf.parse_config(cnf.TrainConfig, ["--config_path", str(configs / "cnf" / preset)])
+    shared = ({f.name for f in fields(ours)} & {f.name for f in fields(theirs)}) - {"config_path"}
+    assert {name: getattr(ours, name) for name in shared} == {name: getattr(theirs, name) for name in shared}
+    assert ours.latent_clip == 0.0 and ours.train_steps == theirs.train_steps
