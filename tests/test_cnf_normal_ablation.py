@@ -256,4 +256,4 @@ def test_presets_are_cnfs_but_for_the_latent(preset):
     theirs = cnf.parse_config(cnf.TrainConfig, ["--config_path", str(configs / "cnf" / preset)])
     shared = ({f.name for f in fields(ours)} & {f.name for f in fields(theirs)}) - {"config_path"}
     assert {name: getattr(ours, name) for name in shared} == {name: getattr(theirs, name) for name in shared}
-    assert ours.latent_clip == 0.0 and ours.train_steps == theirs.train_steps
+    assert ours.latent_clip == 0.0
