@@ -91,13 +91,13 @@ MEDIUM_FILES = {
                        "episodes": 1000, "mean": 4811.1, "std": 354.4},
     "Hopper-v5": {"policy_sha256": "4de3b56fe85d7c60a45728068b3ffa43bed5aabcce4b92d358d19c2b7218b7c9",
                   "episodes": 2233, "mean": 1398.6, "std": 452.6},
-    "Walker2d-v5": {"policy_sha256": "02e585bfc5f728009330bcdc4c848ce22e3fcdc5e3f720dc3430536dcda51a84",
-                    "episodes": 1377, "mean": 2656.6, "std": 910.8},
+    "Walker2d-v5": {"policy_sha256": "afd82925b2bc4db786c7f93ddcd3ad72509c41625697851d7a8bc1cd63a7b73f",
+                    "episodes": 1175, "mean": 2826.3, "std": 991.7},
 }
-# Medium files known to miss a band (data/README.md says by how much); strict: fixing one fails the test
-# until it is taken off this list. Walker2d's policy passed its 20-episode confirmation (63.4, CV 0.292; the live
-# test below), but its 1M-step file lies 1.3 points under the mean band: 20 episodes of CV 0.3 err by about 4 points.
-KNOWN_FILE_FAILURES = {"Walker2d-v5": "file mean 57.8 below D4RL's 62.1 - 3 = 59.1 (issue #25)"}
+# Medium files known to miss a band (data/README.md would say by how much); strict: fixing one fails the test
+# until it is taken off this list. None today: Walker2d's earlier policies, confirmed on 20 and 100 episodes,
+# made files 1.3 points under and 0.9 over the mean band; the shipped one was confirmed on 500 (data/README.md).
+KNOWN_FILE_FAILURES: dict = {}
 # HalfCheetah's returns are steady (CV about 0.015) but for rare episodes (about 1%) where the cheetah flips;
 # those make its CV, and D4RL's (0.075, whose worst episode returns -310), so 20 episodes cannot measure it:
 # they hold one flip (CV 0.18) or none (CV 0.015). Its CV is judged on the 1M-step file alone.
