@@ -94,22 +94,13 @@ MEDIUM_FILES = {
     "Walker2d-v5": {"policy_sha256": "afd82925b2bc4db786c7f93ddcd3ad72509c41625697851d7a8bc1cd63a7b73f",
                     "episodes": 1175, "mean": 2826.3, "std": 991.7},
 }
-# Medium files known to miss a band (data/README.md would say by how much); strict: fixing one fails the test
-# until it is taken off this list. None today: Walker2d's earlier policies, confirmed on 20 and 100 episodes,
-# made files 1.3 points under and 0.9 over the mean band; the shipped one was confirmed on 500 (data/README.md).
-KNOWN_FILE_FAILURES: dict = {}
 # HalfCheetah's returns are steady (CV about 0.015) but for rare episodes (about 1%) where the cheetah flips;
 # those make its CV, and D4RL's (0.075, whose worst episode returns -310), so 20 episodes cannot measure it:
 # they hold one flip (CV 0.18) or none (CV 0.015). Its CV is judged on the 1M-step file alone.
 CV_NEEDS_FILE = {"HalfCheetah-v5"}
 
 
-def known_file_failure(env_id):
-    return ([pytest.mark.xfail(reason=KNOWN_FILE_FAILURES[env_id], strict=True)]
-            if env_id in KNOWN_FILE_FAILURES else [])
-
-
-@pytest.mark.parametrize("env_id", [pytest.param(env, marks=known_file_failure(env)) for env in SHIPPED_MEDIUM])
+@pytest.mark.parametrize("env_id", SHIPPED_MEDIUM)
 def test_bundled_medium_file_statistics_match_d4rl_bands(env_id):
     """The recorded 1M-step file of each shipped medium policy lies within 3 normalised points of D4RL's
     medium dataset and within a factor 1.5 of its CV of episode returns, and was made by this policy file."""
