@@ -160,12 +160,13 @@ def policy_of(agent, module) -> Callable:
     return lambda states: (agent.act(states), None)
 
 
-def score_run(run_dir: Path, flow, flow_mean: np.ndarray, flow_std: np.ndarray, flow_module, args) -> dict:
-    """Rebuild one run's final policy and score it; raises Skip or SystemExit."""
+def load_run(run_dir: Path, device: str, dataset_path: Optional[str] = None) -> tuple:
+    """(algorithm, its module, its TrainConfig, its last checkpoint, its data) of a run that reached phase 2;
+    `dataset_path` reads another file than the run's config names. Raises Skip or SystemExit."""
     if not (run_dir / "config.yaml").is_file():
         raise SystemExit(f"error: {run_dir} is not a run directory (no config.yaml)")
     if not (run_dir / "checkpoint.pt").is_file():
-        raise SystemExit(f"error: {run_dir} has no checkpoint.pt (the run saved no policy)")
+        raise SystemExit(f"error: {run_dir} has no checkpoint.pt (the run saved no agent)")
     import yaml
 
     algorithm = run_algorithm(run_dir, yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
@@ -173,13 +174,20 @@ def score_run(run_dir: Path, flow, flow_mean: np.ndarray, flow_std: np.ndarray, 
         raise Skip(f"algorithms/{algorithm}.py does not exist")
     module = importlib.import_module(algorithm)
     config = module.load_yaml_config(module.TrainConfig, str(run_dir / "config.yaml"), f"{run_dir}/config.yaml")
-    config = replace(config, device=args.device, resume=None)
+    config = replace(config, device=device, resume=None)
+    if dataset_path is not None:
+        config = replace(config, dataset_path=dataset_path)
     checkpoint = module.torch_load(run_dir / "checkpoint.pt")
     if checkpoint.get("phase") != "rl":
         raise SystemExit(f"error: {run_dir} stopped in phase {checkpoint.get('phase')!r} at step "
-                         f"{checkpoint.get('step')}: it has no policy yet; continue it with "
+                         f"{checkpoint.get('step')}: it has no agent yet; continue it with "
                          f"python algorithms/{algorithm}.py --resume {run_dir}")
-    data = module.load_offline_data(config)
+    return algorithm, module, config, checkpoint, module.load_offline_data(config)
+
+
+def score_run(run_dir: Path, flow, flow_mean: np.ndarray, flow_std: np.ndarray, flow_module, args) -> dict:
+    """Rebuild one run's final policy and score it; raises Skip or SystemExit."""
+    algorithm, module, config, checkpoint, data = load_run(run_dir, args.device)
     state_dim, action_dim = data.observations.shape[1], data.actions.shape[1]
     if (flow.state_dim, flow.action_dim) != (state_dim, action_dim):
         raise SystemExit(f"error: --flow {args.flow} was trained for {flow.action_dim}-dim actions and "
