@@ -10,9 +10,10 @@ LAPO, CNF, CNF-VAE and the flow ablations):
 
 For every transition of the episodes that end in a fall it compares Q(s, a) at the data's own action (the
 minimum of the twin critics, as the targets use it) with the data's discounted return-to-go from s (the run's
-gamma, in the rewards the run trained on: iql.py's `--reward_scaling` is applied as the run applied it), binned
-by the steps left before the fall (--bins). These returns are exact: the episodes end in a terminal, nothing is
-cut by a time limit. Q is the value of the run's own policy, which may differ from the behaviour's; a ratio
+gamma, in the rewards the run trained on: the `--reward_scaling` of iql.py, awac.py and lapo.py applied as the run
+applied it), binned by the steps left before the fall (--bins). These returns are exact: the episodes end in a
+terminal, nothing is cut by a time limit. Q is the value of the run's own policy, which may differ from the
+behaviour's (IQL's is an upper expectile of the data's values, so somewhat above them by design); a ratio
 Q / return-to-go well above 1 in the last bins before a fall says the critic expects its policy to recover
 where the data's did not, and the far bin (more steps left) is the critic's calibration away from the falls.
 
