@@ -35,6 +35,8 @@ import torch
 
 ALGORITHMS_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(ALGORITHMS_DIR))
+import behavior_likelihood  # noqa: E402 (after its folder is on the path)
+
 DEFAULT_BINS = "0,1,6,21,101"  # bin lower edges in steps before the fall: [0], [1, 5], [6, 20], [21, 100], 101+
 
 
@@ -70,8 +72,6 @@ def episode_ends(data) -> np.ndarray:
 def rebuild(run_dir: Path, dataset_path: Optional[str], device: str):
     """(algorithm, its config, its data with the rewards it trained on, its ReplayBuffer, its twin critic [2, B, 1],
     the checkpoint's step) from a finished run."""
-    import behavior_likelihood
-
     algorithm, module, config, checkpoint, data = behavior_likelihood.load_run(run_dir, device, dataset_path)
     buffer, agent = behavior_likelihood.build_agent(algorithm, module, config, data, run_dir, checkpoint)
     critic = getattr(agent, "critic", None)
@@ -146,8 +146,6 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     for run in args.runs:
         if not Path(run).is_dir():
             raise SystemExit(f"error: {run} is not a directory")
-    import behavior_likelihood
-
     results = []
     for run in args.runs:
         try:

@@ -31,7 +31,7 @@ def test_returns_to_go_are_exact_and_only_for_episodes_that_fall():
 
 
 def tiny_falls_hdf5(path):
-    """write_tiny_hdf5's data with a second fall; rewards made positive so returns-to-go rise with steps left."""
+    """write_tiny_hdf5's data with a second fall (rows 1200-1249) and positive rewards."""
     write_tiny_hdf5(path)
     with h5py.File(path, "r+") as f:
         terminals, timeouts = f["terminals"][:], f["timeouts"][:]
